@@ -1,0 +1,80 @@
+"""`chargy-exporter`: wire config → feed → kml → metrics → exporters, run until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, OTELResourceDetector, Resource
+
+from . import __version__
+from .config import Config, RedactingFilter, load_config
+from .feed import FeedClient
+from .metrics import MetricsPipeline
+from .prometheus import PrometheusEndpoint
+from .refresher import Refresher
+
+log = logging.getLogger("chargy_exporter")
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # On the handler, so that records of every library (urllib3 logs full URLs) pass through it.
+    handler.addFilter(RedactingFilter(config.secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+
+
+def build_resource() -> Resource:
+    # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME win over our defaults (Resource.create alone lets ours win).
+    defaults = Resource.create({SERVICE_NAME: "chargy-exporter", SERVICE_VERSION: __version__})
+    return defaults.merge(OTELResourceDetector().detect())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = load_config(argv)
+    setup_logging(config)
+
+    endpoint = PrometheusEndpoint()
+    pipeline = MetricsPipeline([endpoint.make_reader], build_resource(), on_published=[endpoint.render])
+    client = FeedClient(config)
+    refresher = Refresher(config, client, pipeline.publish)
+    try:
+        server = endpoint.serve(config.host, config.port)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, error.strerror or error)
+        pipeline.shutdown()
+        return 1
+
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    log.info(
+        "chargy-exporter %s serving http://%s:%d/metrics, feed %s every %g s",
+        __version__,
+        config.host,
+        server.port,
+        config.redacted_url,
+        config.refresh_interval,
+    )
+    refresher.start()
+    stopping.wait()
+
+    server.shutdown()
+    refresher.stop(timeout=2)
+    pipeline.shutdown(timeout_millis=2_000)
+    client.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,178 @@
+"""Fetch the raw feed document: HTTP(S) with retries, timeouts, a size cap and conditional requests; or a file.
+
+Nothing here parses: a fetch returns bytes (or "not modified") or raises `FeedError` with a short reason for the
+error counter and a message that never contains the API key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from . import __version__
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+# The upstream answers 406 to a client that prefers JSON: ask for KML/XML first.
+ACCEPT: Final = "application/vnd.google-earth.kml+xml, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.1"
+USER_AGENT: Final = f"chargy-exporter/{__version__}"
+_CHUNK: Final = 64 * 1024
+FEED_ERROR_REASONS: Final = (
+    "timeout",
+    "connection",
+    "http_5xx",
+    "http_status",
+    "unauthorized",
+    "http_redirect",
+    "broken_response",
+    "too_large",
+    "file",
+)
+
+
+class FeedError(Exception):
+    """A fetch failed; `reason` is a short label (timeout, connection, http_5xx, unauthorized, too_large, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Validators:
+    """HTTP cache validators of the last document that was parsed successfully."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    body: bytes | None  # None: the server said 304 Not Modified
+    validators: Validators
+
+    @property
+    def not_modified(self) -> bool:
+        return self.body is None
+
+
+class FeedClient:
+    def __init__(self, config: Config, retries: int = 2) -> None:
+        self._config = config
+        self._session = requests.Session()
+        self._session.headers.update({"Accept": ACCEPT, "User-Agent": USER_AGENT, "Accept-Encoding": "gzip"})
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=retries,
+            status=retries,
+            backoff_factor=0.5,
+            status_forcelist=(429, 500, 502, 503, 504),
+            allowed_methods=frozenset({"GET"}),
+            respect_retry_after_header=True,
+            raise_on_status=False,
+        )
+        adapter = HTTPAdapter(max_retries=retry)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def fetch(self, validators: Validators | None = None) -> FetchResult:
+        url = self._config.kml_url
+        if urlsplit(url).scheme in ("http", "https"):
+            return self._fetch_http(url, validators or Validators())
+        return FetchResult(self._read_file(url), Validators())
+
+    # ---- HTTP --------------------------------------------------------------------------------------------------
+
+    def _fetch_http(self, url: str, validators: Validators) -> FetchResult:
+        timeout = self._config.fetch_timeout
+        headers = {}
+        if validators.etag:
+            headers["If-None-Match"] = validators.etag
+        if validators.last_modified:
+            headers["If-Modified-Since"] = validators.last_modified
+        deadline = time.monotonic() + timeout
+        try:
+            with self._session.get(url, headers=headers, timeout=timeout, stream=True) as response:
+                self._check_status(response)
+                if response.status_code == 304:
+                    return FetchResult(None, validators)
+                body = self._read_capped(response, deadline)
+                return FetchResult(
+                    body,
+                    Validators(response.headers.get("ETag"), response.headers.get("Last-Modified")),
+                )
+        except FeedError:
+            raise
+        except requests.exceptions.Timeout as error:
+            raise self._error("timeout", f"no answer within {timeout:g} s", error) from None
+        except requests.exceptions.RetryError as error:
+            raise self._error("http_5xx", "the feed kept answering with an error status", error) from None
+        except requests.exceptions.ConnectionError as error:
+            raise self._error("connection", "cannot connect to the feed", error) from None
+        except requests.exceptions.TooManyRedirects as error:
+            raise self._error("http_redirect", "too many redirects", error) from None
+        except requests.exceptions.RequestException as error:
+            # ChunkedEncodingError, ContentDecodingError: the answer broke off or was not what it said it was.
+            raise self._error("broken_response", "the answer was cut off or corrupt", error) from None
+
+    def _check_status(self, response: requests.Response) -> None:
+        status = response.status_code
+        if status in (200, 304):
+            return
+        if status in (401, 403):
+            raise FeedError(
+                "unauthorized",
+                f"the feed refused the API key (HTTP {status}): set --kml-url / KML_URL with a valid key",
+            )
+        if 500 <= status < 600:
+            raise FeedError("http_5xx", f"the feed answered HTTP {status}")
+        raise FeedError("http_status", f"the feed answered HTTP {status}")
+
+    def _read_capped(self, response: requests.Response, deadline: float) -> bytes:
+        limit = self._config.max_feed_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit and "gzip" not in response.headers.get("Content-Encoding", ""):
+            raise FeedError("too_large", f"the feed announces {int(declared)} bytes, over the {limit}-byte limit")
+        chunks = []
+        size = 0
+        # iter_content decompresses, so the cap applies to what we would parse (a gzip bomb stops here too).
+        for chunk in response.iter_content(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise FeedError("too_large", f"the feed is over the {limit}-byte limit (--max-feed-bytes)")
+            if time.monotonic() > deadline:
+                # A server trickling bytes never trips the socket timeout: bound the whole download.
+                raise FeedError("timeout", f"the download took longer than {self._config.fetch_timeout:g} s")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _error(self, reason: str, summary: str, error: Exception) -> FeedError:
+        return FeedError(reason, self._config.redact(f"{summary}: {type(error).__name__}: {error}"))
+
+    # ---- files -------------------------------------------------------------------------------------------------
+
+    def _read_file(self, url: str) -> bytes:
+        parts = urlsplit(url)
+        path = Path(unquote(parts.path) if parts.scheme == "file" else url)
+        limit = self._config.max_feed_bytes
+        try:
+            with path.open("rb") as file:
+                body = file.read(limit + 1)
+        except OSError as error:
+            raise FeedError("file", f"cannot read {path}: {error.strerror or error}") from None
+        if len(body) > limit:
+            raise FeedError("too_large", f"{path} is over the {limit}-byte limit (--max-feed-bytes)")
+        return body

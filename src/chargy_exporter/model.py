@@ -1,0 +1,115 @@
+"""The station → device → connector model built from one feed, and the state vocabulary.
+
+A `Snapshot` is immutable once built: the refresh builds a new one and swaps it in whole, so every
+reader sees either the old or the new feed, never a mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+AVAILABLE: Final = "available"
+CHARGING: Final = "charging"
+UNAVAILABLE: Final = "unavailable"
+
+# The order of the three series a connector exports.
+SIMPLIFIED_STATES: Final = (AVAILABLE, CHARGING, UNAVAILABLE)
+
+# Raw (OCPP-like) upstream states; anything not listed here is unknown and counts as unavailable.
+RAW_STATE_MAP: Final = MappingProxyType(
+    {
+        "AVAILABLE": AVAILABLE,
+        "CHARGING": CHARGING,
+        "PREPARING": CHARGING,
+        "SUSPENDED_EV": CHARGING,
+        "SUSPENDED_EVSE": CHARGING,
+        "FINISHING": CHARGING,
+        "OCCUPIED": CHARGING,
+        "RESERVED": CHARGING,
+        "UNAVAILABLE": UNAVAILABLE,
+        "OFFLINE": UNAVAILABLE,
+        "FAULT": UNAVAILABLE,
+        "FAULTED": UNAVAILABLE,
+    }
+)
+
+
+def simplify_state(raw_state: str) -> str:
+    """Map a raw upstream state to available|charging|unavailable (unknown states are unavailable)."""
+    return RAW_STATE_MAP.get(raw_state.strip().upper(), UNAVAILABLE)
+
+
+def format_speed(kilowatts: float | None) -> str:
+    """`speed` label value: kW without a useless decimal (22.0 → "22", 7.4 → "7.4"); "" when unknown."""
+    if kilowatts is None:
+        return ""
+    if kilowatts == int(kilowatts):
+        return str(int(kilowatts))
+    return repr(round(kilowatts, 3))
+
+
+@dataclass(frozen=True, slots=True)
+class Connector:
+    name: str
+    number: int | None
+    max_speed_kw: float | None
+    raw_state: str
+
+    @property
+    def state(self) -> str:
+        return simplify_state(self.raw_state)
+
+    @property
+    def speed(self) -> str:
+        return format_speed(self.max_speed_kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    name: str
+    connectors: tuple[Connector, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Station:
+    name: str
+    address: str
+    latitude: float | None
+    longitude: float | None
+    devices: tuple[Device, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorRow:
+    """One connector with its place in the hierarchy: what one set of series describes."""
+
+    station: Station
+    device: Device
+    connector: Connector
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    stations: tuple[Station, ...]
+    # Records the parser had to drop, by reason (for chargy_feed_skipped_records_total).
+    skipped: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def rows(self) -> Iterator[ConnectorRow]:
+        for station in self.stations:
+            for device in station.devices:
+                for connector in device.connectors:
+                    yield ConnectorRow(station, device, connector)
+
+    @property
+    def device_count(self) -> int:
+        return sum(len(station.devices) for station in self.stations)
+
+    @property
+    def connector_count(self) -> int:
+        return sum(len(device.connectors) for station in self.stations for device in station.devices)
+
+
+EMPTY_SNAPSHOT: Final = Snapshot(stations=())
