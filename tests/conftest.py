@@ -1,0 +1,232 @@
+"""Shared test fixtures: a feed server on 127.0.0.1, the real exporter process, and exposition parsing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from feedgen import generate_feed  # noqa: E402
+
+TEST_API_KEY = "test-secret-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---- the feed server ------------------------------------------------------------------------------------------
+
+Responder = Callable[[BaseHTTPRequestHandler], None]
+
+
+class FeedServer:
+    """Serves a KML body on 127.0.0.1 (URL carries an API-KEY, to check it never leaks); counts requests.
+
+    `set_body` changes what it serves; `set_responder` takes over the whole answer (fault injection).
+    """
+
+    def __init__(self) -> None:
+        self.body = b""
+        self.requests = 0
+        self.request_headers: list[dict[str, str]] = []
+        self.responder: Responder | None = None
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                with server._lock:
+                    server.requests += 1
+                    server.request_headers.append(dict(self.headers))
+                    responder = server.responder
+                    body = server.body
+                if responder is not None:
+                    responder(self)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.google-earth.kml+xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/b2bev-external-services/resources/kml?API-KEY={TEST_API_KEY}"
+
+    def set_body(self, body: bytes) -> None:
+        with self._lock:
+            self.body = body
+            self.responder = None
+
+    def set_responder(self, responder: Responder | None) -> None:
+        with self._lock:
+            self.responder = responder
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def feed_server() -> Iterator[FeedServer]:
+    server = FeedServer()
+    yield server
+    server.close()
+
+
+# ---- scraping ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass
+class Exposition:
+    text: str
+    families: dict[str, list[Sample]] = field(default_factory=dict)
+
+    def samples(self, name: str) -> list[Sample]:
+        return self.families.get(name, [])
+
+    def value(self, name: str, **labels: str) -> float | None:
+        for sample in self.samples(name):
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+        return None
+
+
+def parse_exposition(text: str) -> Exposition:
+    exposition = Exposition(text)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            exposition.families.setdefault(sample.name, []).append(Sample(dict(sample.labels), sample.value))
+    return exposition
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+# ---- the real exporter process ------------------------------------------------------------------------------------
+
+
+def exporter_command() -> list[str]:
+    script = Path(sys.executable).parent / "chargy-exporter"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("chargy-exporter")
+    return [found] if found else [sys.executable, "-m", "chargy_exporter"]
+
+
+class ExporterProcess:
+    def __init__(self, args: list[str], env: dict[str, str] | None, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHARGY_", "KML_URL"))}
+        full_env.update(env or {})
+        self.process = subprocess.Popen(
+            [*exporter_command(), "--host", "127.0.0.1", "--port", str(self.port), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def scrape(self, path: str = "/metrics", headers: dict[str, str] | None = None) -> Exposition:
+        status, _, body = http_get(self.base_url + path, headers)
+        assert status == 200, f"scrape answered {status}"
+        return parse_exposition(body.decode("utf-8"))
+
+    def wait_for(self, predicate: Callable[[Exposition], bool], timeout: float = 30) -> Exposition:
+        deadline = time.monotonic() + timeout
+        last: Exposition | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"exporter exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                last = self.scrape()
+                if predicate(last):
+                    return last
+            except (OSError, AssertionError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"condition not met in {timeout} s; logs:\n{self.logs()}")
+
+    def wait_until_up(self, timeout: float = 30) -> Exposition:
+        return self.wait_for(lambda e: e.value("chargy_feed_up") == 1.0, timeout)
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def exporter_process(tmp_path: Path) -> Iterator[Callable[..., ExporterProcess]]:
+    started: list[ExporterProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ExporterProcess:
+        process = ExporterProcess(list(args), env, tmp_path / f"exporter-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def small_feed() -> Any:
+    return generate_feed(stations=40, seed=7, odd_shapes=True)
