@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from feedgen import generate_feed  # noqa: E402
+from feedgen import generate_feed
 
 TEST_API_KEY = "test-secret-0123456789abcdef"
 
@@ -55,7 +55,7 @@ class FeedServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 with server._lock:
                     server.requests += 1
                     server.request_headers.append(dict(self.headers))
@@ -70,7 +70,7 @@ class FeedServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -157,8 +157,8 @@ def exporter_command() -> list[str]:
 
 
 class ExporterProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None, log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, args: list[str], env: dict[str, str] | None, log_path: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.log_path = log_path
         self._log = log_path.open("wb")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHARGY_", "KML_URL"))}
@@ -198,7 +198,8 @@ class ExporterProcess:
         return self.wait_for(lambda e: e.value("chargy_feed_up") == 1.0, timeout)
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 10) -> int:
@@ -217,8 +218,8 @@ class ExporterProcess:
 def exporter_process(tmp_path: Path) -> Iterator[Callable[..., ExporterProcess]]:
     started: list[ExporterProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> ExporterProcess:
-        process = ExporterProcess(list(args), env, tmp_path / f"exporter-{len(started)}.log")
+    def start(*args: str, env: dict[str, str] | None = None, port: int | None = None) -> ExporterProcess:
+        process = ExporterProcess(list(args), env, tmp_path / f"exporter-{len(started)}.log", port)
         started.append(process)
         return process
 

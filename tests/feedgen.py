@@ -239,10 +239,13 @@ def evolve(
     removed: float = 0.02,
     added_stations: int = 0,
 ) -> GeneratedFeed:
-    """The next refresh of `feed`: some connectors change state, some devices disappear, stations appear."""
+    """The next refresh of `feed`: some connectors change state, some stations and devices disappear, stations
+    appear."""
     rng = random.Random(seed)
     result = GeneratedFeed(stations=[], seed=seed, next_id=feed.next_id)
     for station in feed.stations:
+        if rng.random() < removed:
+            continue
         devices = []
         for device in station.devices:
             if rng.random() < removed:

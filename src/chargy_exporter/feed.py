@@ -7,6 +7,7 @@ error counter and a message that never contains the API key.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from . import __version__
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 ACCEPT: Final = "application/vnd.google-earth.kml+xml, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.1"
 USER_AGENT: Final = f"chargy-exporter/{__version__}"
 _CHUNK: Final = 64 * 1024
+# The longest a server's Retry-After may hold one retry (urllib3 would otherwise sleep up to 6 hours); never more
+# than --fetch-timeout either. Longer waits are the refresher's job, which keeps serving the last good data.
+RETRY_AFTER_CAP: Final = 10.0
 FEED_ERROR_REASONS: Final = (
     "timeout",
     "connection",
@@ -45,6 +50,16 @@ class FeedError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class _CappedRetry(Retry):
+    """urllib3's Retry, with the server's Retry-After honoured only up to `retry_after_cap` seconds."""
+
+    retry_after_cap: float = RETRY_AFTER_CAP  # a class attribute: Retry.new() copies only its own parameters
+
+    def get_retry_after(self, response: object) -> float | None:
+        seconds = super().get_retry_after(response)  # type: ignore[arg-type]
+        return None if seconds is None else min(seconds, self.retry_after_cap)
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,8 @@ class FeedClient:
         self._config = config
         self._session = requests.Session()
         self._session.headers.update({"Accept": ACCEPT, "User-Agent": USER_AGENT, "Accept-Encoding": "gzip"})
-        retry = Retry(
+        capped = type("_CappedRetry", (_CappedRetry,), {"retry_after_cap": min(RETRY_AFTER_CAP, config.fetch_timeout)})
+        retry = capped(
             total=retries,
             connect=retries,
             read=retries,
@@ -109,7 +125,7 @@ class FeedClient:
                 self._check_status(response)
                 if response.status_code == 304:
                     return FetchResult(None, validators)
-                body = self._read_capped(response, deadline)
+                body = self._read_with_watchdog(response, deadline)
                 return FetchResult(
                     body,
                     Validators(response.headers.get("ETag"), response.headers.get("Last-Modified")),
@@ -121,6 +137,9 @@ class FeedClient:
         except requests.exceptions.RetryError as error:
             raise self._error("http_5xx", "the feed kept answering with an error status", error) from None
         except requests.exceptions.ConnectionError as error:
+            if _timed_out(error):
+                # Retries exhausted on read/connect timeouts: requests reports them as a ConnectionError.
+                raise self._error("timeout", f"no answer within {timeout:g} s", error) from None
             raise self._error("connection", "cannot connect to the feed", error) from None
         except requests.exceptions.TooManyRedirects as error:
             raise self._error("http_redirect", "too many redirects", error) from None
@@ -141,6 +160,41 @@ class FeedClient:
             raise FeedError("http_5xx", f"the feed answered HTTP {status}")
         raise FeedError("http_status", f"the feed answered HTTP {status}")
 
+    def _read_with_watchdog(self, response: requests.Response, deadline: float) -> bytes:
+        """`_read_capped`, with a timer that cuts the connection at the deadline.
+
+        A read blocks until a whole chunk has arrived, so a server trickling a byte at a time, each within the
+        socket timeout, would hold the refresh for hours: at the deadline the timer shuts the socket down.
+        """
+        fired = threading.Event()
+
+        def cut() -> None:
+            fired.set()
+            shutdown = getattr(response.raw, "shutdown", None)  # urllib3 >= 2.3
+            try:
+                if shutdown is not None:
+                    shutdown()
+            except (OSError, ValueError, RuntimeError):
+                pass
+
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            body = self._read_capped(response, deadline)
+        except requests.exceptions.RequestException:
+            if fired.is_set():
+                raise FeedError("timeout", self._download_too_slow()) from None
+            raise
+        finally:
+            watchdog.cancel()
+        if fired.is_set():
+            raise FeedError("timeout", self._download_too_slow())
+        return body
+
+    def _download_too_slow(self) -> str:
+        return f"the download took longer than {self._config.fetch_timeout:g} s"
+
     def _read_capped(self, response: requests.Response, deadline: float) -> bytes:
         limit = self._config.max_feed_bytes
         declared = response.headers.get("Content-Length", "")
@@ -155,7 +209,7 @@ class FeedClient:
                 raise FeedError("too_large", f"the feed is over the {limit}-byte limit (--max-feed-bytes)")
             if time.monotonic() > deadline:
                 # A server trickling bytes never trips the socket timeout: bound the whole download.
-                raise FeedError("timeout", f"the download took longer than {self._config.fetch_timeout:g} s")
+                raise FeedError("timeout", self._download_too_slow())
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -176,3 +230,10 @@ class FeedClient:
         if len(body) > limit:
             raise FeedError("too_large", f"{path} is over the {limit}-byte limit (--max-feed-bytes)")
         return body
+
+
+def _timed_out(error: requests.exceptions.ConnectionError) -> bool:
+    cause = error.args[0] if error.args else None
+    reason = getattr(cause, "reason", cause)
+    # urllib3's NewConnectionError (refused, unreachable) subclasses ConnectTimeoutError: not a timeout.
+    return isinstance(reason, (ReadTimeoutError, ConnectTimeoutError)) and not isinstance(reason, NewConnectionError)

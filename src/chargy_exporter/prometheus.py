@@ -118,8 +118,10 @@ class PrometheusEndpoint:
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")])
             return [b"method not allowed\n"]
         if path in ("/metrics", "/"):
-            if path == "/" and "html" in environ.get("HTTP_ACCEPT", "") and "openmetrics" not in environ.get(
-                "HTTP_ACCEPT", ""
+            if (
+                path == "/"
+                and "html" in environ.get("HTTP_ACCEPT", "")
+                and "openmetrics" not in environ.get("HTTP_ACCEPT", "")
             ):
                 return _respond(start_response, method, "200 OK", [("Content-Type", "text/html")], _INDEX)
             names = set(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", ())) or None
@@ -154,7 +156,7 @@ def _respond(
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 

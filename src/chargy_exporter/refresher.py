@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Final
@@ -70,7 +70,8 @@ class Refresher:
         try:
             fetched = self._client.fetch(self._validators)
             if fetched.not_modified:
-                snapshot, skipped = self._state.snapshot, MappingProxyType({})
+                snapshot = self._state.snapshot
+                skipped: Mapping[str, int] = MappingProxyType({})
                 log.debug("feed not modified since the last refresh")
             else:
                 assert fetched.body is not None
@@ -79,7 +80,7 @@ class Refresher:
                 self._validators = fetched.validators
         except (FeedError, KmlError) as error:
             return self._failed(error.reason, self._config.redact(str(error)), started)
-        except Exception as error:  # noqa: BLE001 - the refresh thread must survive anything a feed can cause
+        except Exception as error:
             log.exception("unexpected error during refresh")
             return self._failed("internal", self._config.redact(f"{type(error).__name__}: {error}"), started)
 
@@ -113,7 +114,9 @@ class Refresher:
     def _failed(self, reason: str, message: str, started: float) -> float:
         self._failures_in_a_row += 1
         delay = self.retry_delay(self._failures_in_a_row)
-        log.error("feed refresh failed (%s): %s; serving the last good data, next try in %.0f s", reason, message, delay)
+        log.error(
+            "feed refresh failed (%s): %s; serving the last good data, next try in %.0f s", reason, message, delay
+        )
         previous = self._state.status
         status = FeedStatus(
             up=False,
@@ -127,7 +130,7 @@ class Refresher:
 
     def retry_delay(self, failures_in_a_row: int) -> float:
         backoff = FIRST_RETRY_DELAY * 2 ** min(failures_in_a_row - 1, 16)
-        return min(self._config.refresh_interval, backoff) * random.uniform(0.8, 1.0)
+        return float(min(self._config.refresh_interval, backoff) * random.uniform(0.8, 1.0))
 
     def _set(self, state: State) -> None:
         self._state = state

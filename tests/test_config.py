@@ -1,0 +1,116 @@
+"""config.py: flags, environment variables, validation, and the API key kept secret."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+from conftest import exporter_command
+
+from chargy_exporter.config import (
+    DEMO_FEED_PATH,
+    PUBLIC_FEED_URL,
+    Config,
+    RedactingFilter,
+    load_config,
+    redact_url,
+)
+
+PUBLIC_KEY = "486ac6e4-93b8-4369-9c6a-28f7c4e1a81f"
+
+
+def test_defaults_work_out_of_the_box():
+    config = load_config([], {})
+    assert config == Config(secrets=(PUBLIC_KEY,))
+    assert (config.kml_url, config.host, config.port, config.refresh_interval) == (
+        PUBLIC_FEED_URL,
+        "0.0.0.0",
+        9000,
+        300,
+    )
+
+
+def test_environment_variables_are_read():
+    config = load_config(
+        [],
+        {
+            "KML_URL": "http://feed.example/kml?API-KEY=abc",
+            "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+            "OTEL_EXPORTER_PROMETHEUS_PORT": "9100",
+            "CHARGY_REFRESH_INTERVAL": "60",
+            "CHARGY_LOG_LEVEL": "debug",
+            "CHARGY_MAX_FEED_BYTES": "5MiB",
+        },
+    )
+    assert (config.kml_url, config.host, config.port) == ("http://feed.example/kml?API-KEY=abc", "127.0.0.1", 9100)
+    assert (config.refresh_interval, config.log_level, config.max_feed_bytes) == (60, "DEBUG", 5 * 1024 * 1024)
+    assert config.secrets == ("abc",)
+
+
+def test_the_flag_wins_over_the_environment():
+    config = load_config(["--port", "9200", "--kml-url", "/tmp/feed.kml"], {"OTEL_EXPORTER_PROMETHEUS_PORT": "9100"})
+    assert (config.port, config.kml_url) == (9200, "/tmp/feed.kml")
+
+
+def test_demo_reads_the_bundled_sample():
+    config = load_config(["--demo"], {})
+    assert config.kml_url == DEMO_FEED_PATH.as_uri()
+    assert DEMO_FEED_PATH.read_bytes().startswith(b"<?xml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        (["--port", "abc"], {}, "--port"),
+        (["--port", "70000"], {}, "--port"),
+        ([], {"OTEL_EXPORTER_PROMETHEUS_PORT": "-1"}, "OTEL_EXPORTER_PROMETHEUS_PORT"),
+        (["--refresh-interval", "0"], {}, "--refresh-interval"),
+        (["--refresh-interval", "nan"], {}, "--refresh-interval"),
+        (["--kml-url", "ftp://host/feed"], {}, "--kml-url"),
+        (["--kml-url", "http:///nohost"], {}, "--kml-url"),
+        ([], {"CHARGY_LOG_LEVEL": "loud"}, "CHARGY_LOG_LEVEL"),
+        (["--max-feed-bytes", "lots"], {}, "--max-feed-bytes"),
+    ],
+)
+def test_a_bad_value_exits_2_with_one_line_naming_the_option(argv, environ, named, capsys):
+    with pytest.raises(SystemExit) as exited:
+        load_config(argv, environ)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and named in error
+
+
+def test_redaction_covers_the_key_and_a_password():
+    url = "https://user:pa55@my.chargy.lu/kml?API-KEY=SECRETKEY&lang=fr"
+    assert redact_url(url) == "https://user:REDACTED@my.chargy.lu/kml?API-KEY=REDACTED&lang=fr"
+
+
+def test_log_records_are_redacted_even_in_arguments_and_tracebacks():
+    config = load_config(["--kml-url", "http://h/kml?api-key=TOPSECRET"], {})
+    record = logging.LogRecord(
+        "x", logging.ERROR, __file__, 1, "GET %s failed", ("http://h/kml?api-key=TOPSECRET",), None
+    )
+    try:
+        raise ValueError("url http://h/kml?api-key=TOPSECRET")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    RedactingFilter(config.secrets).filter(record)
+    assert "TOPSECRET" not in record.getMessage() and "TOPSECRET" not in (record.exc_text or "")
+    assert "REDACTED" in record.getMessage()
+
+
+def test_help_documents_every_option_and_hides_the_key():
+    result = subprocess.run([*exporter_command(), "--help"], capture_output=True, text=True, check=True)
+    for option in ("--kml-url", "KML_URL", "--host", "OTEL_EXPORTER_PROMETHEUS_HOST", "--port",
+                   "OTEL_EXPORTER_PROMETHEUS_PORT", "--refresh-interval", "CHARGY_REFRESH_INTERVAL", "--log-level",
+                   "CHARGY_LOG_LEVEL", "--demo", "--max-feed-bytes", "--fetch-timeout"):  # fmt: skip
+        assert option in result.stdout
+    assert PUBLIC_KEY not in result.stdout
+
+
+def test_the_command_line_error_path_really_exits_2():
+    result = subprocess.run([*exporter_command(), "--port", "none"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--port" in result.stderr

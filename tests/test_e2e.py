@@ -1,0 +1,140 @@
+"""End to end: the real `chargy-exporter` process, a generated feed on 127.0.0.1, scraped over HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import time
+
+import pytest
+from conftest import TEST_API_KEY, http_get, parse_exposition
+from feedgen import evolve, generate_feed
+
+pytestmark = pytest.mark.e2e
+
+STATES = ("available", "charging", "unavailable")
+
+
+def assert_matches_feed(exposition, feed) -> None:
+    """Connector by connector: three state series (1 for the current state) and one info series, nothing else."""
+    expected_state = {
+        (c.connector, c.device, c.station, c.speed, state): 1.0 if c.simplified == state else 0.0
+        for c in feed.connectors
+        for state in STATES
+    }
+    got_state = {
+        (s.labels["connector"], s.labels["device"], s.labels["station"], s.labels["speed"],
+         s.labels["chargy_connector_state"]): s.value
+        for s in exposition.samples("chargy_connector_state")
+    }  # fmt: skip
+    assert len(exposition.samples("chargy_connector_state")) == len(got_state) == 3 * len(feed.connectors)
+    assert got_state == expected_state
+    got_info = {
+        (s.labels["connector"], s.labels["device"], s.labels["station"], s.labels["speed"], s.labels["state"]): s.value
+        for s in exposition.samples("chargy_connector_detailed_state_info")
+    }
+    assert got_info == {(c.connector, c.device, c.station, c.speed, c.state): 1.0 for c in feed.connectors}
+    assert "otel_metric_overflow" not in exposition.text
+
+
+def test_production_size_feed_is_exported_connector_by_connector(feed_server, exporter_process):
+    feed = generate_feed(connectors=1700, seed=21, odd_shapes=True)
+    feed_server.set_body(feed.kml)
+    exporter = exporter_process("--kml-url", feed_server.url)
+    exposition = exporter.wait_until_up()
+    assert len(feed.connectors) >= 1700
+    assert_matches_feed(exposition, feed)
+    assert exposition.value("chargy_connectors") == len(feed.connectors)
+    assert exposition.value("chargy_stations") == len(feed.stations)
+    assert abs(exposition.value("chargy_feed_last_success_timestamp_seconds") - time.time()) < 60
+    # The seed's dashboards: counts by state add up to the feed's.
+    for state, count in feed.counts_by_state().items():
+        assert sum(s.value for s in exposition.samples("chargy_connector_state")
+                   if s.labels["chargy_connector_state"] == state) == count  # fmt: skip
+
+
+def test_thirty_scrapes_make_one_upstream_request(feed_server, exporter_process):
+    feed_server.set_body(generate_feed(stations=50, seed=22).kml)
+    exporter = exporter_process("--kml-url", feed_server.url, "--refresh-interval", "300")
+    exporter.wait_until_up()
+    for _ in range(30):
+        exporter.scrape()
+    assert feed_server.requests == 1
+    headers = feed_server.request_headers[0]
+    assert headers["User-Agent"].startswith("chargy-exporter/")
+    assert not headers["Accept"].startswith("application/json") and "xml" in headers["Accept"]
+
+
+def test_refreshes_follow_the_feed_and_keep_the_last_good_data_on_failure(feed_server, exporter_process):
+    feed = generate_feed(stations=60, seed=23)
+    feed_server.set_body(feed.kml)
+    exporter = exporter_process("--kml-url", feed_server.url, "--refresh-interval", "1")
+    exporter.wait_until_up()
+    for step in range(3):  # connectors change state, appear and disappear: no leftover, no missing series
+        feed = evolve(feed, seed=step, state_changes=0.5, removed=0.1, added_stations=5)
+        feed_server.set_body(feed.kml)
+        exposition = exporter.wait_for(
+            lambda e, f=feed: (
+                {s.labels["connector"] for s in e.samples("chargy_connector_detailed_state_info")}
+                == {c.connector for c in f.connectors}
+                and e.value("chargy_connectors") == len(f.connectors)
+            )
+        )
+        assert_matches_feed(exposition, feed)
+
+    def broken(handler) -> None:
+        handler.send_response(503)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    feed_server.set_responder(broken)
+    exposition = exporter.wait_for(lambda e: e.value("chargy_feed_up") == 0)
+    assert_matches_feed(exposition, feed)
+    assert exposition.value("chargy_feed_refresh_errors_total", reason="http_5xx") >= 1
+    logs = exporter.logs()
+    assert "http_5xx" in logs and TEST_API_KEY not in logs and TEST_API_KEY not in exposition.text
+
+
+def test_gzip_and_root_path(feed_server, exporter_process):
+    feed_server.set_body(generate_feed(stations=30, seed=24).kml)
+    exporter = exporter_process("--kml-url", feed_server.url)
+    exporter.wait_until_up()
+    status, headers, body = http_get(exporter.base_url + "/", {"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert parse_exposition(gzip.decompress(body).decode()).value("chargy_feed_up") == 1
+
+
+def test_demo_mode_serves_the_bundled_sample(exporter_process):
+    exporter = exporter_process("--demo")
+    exposition = exporter.wait_until_up(timeout=15)
+    assert exposition.value(
+        "chargy_connector_state", station="Schuttrange - Parking Eglise", connector="CP4112 - 1",
+        chargy_connector_state="available", speed="22", device="CP4112",
+    ) == 1  # fmt: skip
+    assert exposition.value("chargy_connector_detailed_state_info", connector="CP8021 - 2", state="MAINTENANCE") == 1
+
+
+def test_environment_configuration_and_sigterm(feed_server, exporter_process):
+    feed_server.set_body(generate_feed(stations=10, seed=25).kml)
+    exporter = exporter_process(env={"KML_URL": feed_server.url, "CHARGY_LOG_LEVEL": "debug"})
+    exporter.wait_until_up()
+    started = time.monotonic()
+    assert exporter.stop() == 0
+    assert time.monotonic() - started < 5
+    assert TEST_API_KEY not in exporter.logs()
+
+
+def test_a_port_in_use_fails_clearly(exporter_process):
+    first = exporter_process("--demo")
+    first.wait_until_up()
+    second = exporter_process("--demo", port=first.port)
+    assert second.process.wait(timeout=10) == 1
+    assert f"cannot listen on 127.0.0.1:{first.port}" in second.logs()
+    assert first.scrape().value("chargy_feed_up") == 1
+
+
+@pytest.mark.slow
+def test_ten_times_the_real_feed_through_the_process(feed_server, exporter_process):
+    feed = generate_feed(connectors=17_000, seed=26)
+    feed_server.set_body(feed.kml)
+    exporter = exporter_process("--kml-url", feed_server.url)
+    assert_matches_feed(exporter.wait_until_up(timeout=120), feed)

@@ -1,0 +1,188 @@
+"""metrics.py + prometheus.py in process: the exposition equals the feed, through churn, at scale, under load."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+from conftest import parse_exposition
+from feedgen import evolve, generate_feed
+from opentelemetry.sdk.resources import Resource
+
+from chargy_exporter.kml import parse_kml
+from chargy_exporter.metrics import MetricsPipeline
+from chargy_exporter.prometheus import PrometheusEndpoint
+from chargy_exporter.status import FeedStatus, State
+
+
+def make_pipeline() -> tuple[MetricsPipeline, PrometheusEndpoint]:
+    endpoint = PrometheusEndpoint()
+    pipeline = MetricsPipeline([endpoint.make_reader], Resource.create({}), on_published=[endpoint.render])
+    return pipeline, endpoint
+
+
+def publish(pipeline: MetricsPipeline, feed, up: bool = True) -> None:
+    pipeline.publish(State(parse_kml(feed.kml), FeedStatus(up=up)))
+
+
+def scrape(endpoint: PrometheusEndpoint):
+    _, _, body = endpoint.exposition("", "")
+    return parse_exposition(body.decode())
+
+
+def state_series(exposition) -> set[tuple[str, ...]]:
+    return {
+        (s.labels["connector"], s.labels["device"], s.labels["station"], s.labels["speed"],
+         s.labels["chargy_connector_state"], str(s.value))
+        for s in exposition.samples("chargy_connector_state")
+    }  # fmt: skip
+
+
+def info_series(exposition) -> set[tuple[str, ...]]:
+    return {
+        (s.labels["connector"], s.labels["device"], s.labels["station"], s.labels["speed"], s.labels["state"])
+        for s in exposition.samples("chargy_connector_detailed_state_info")
+        if s.value == 1
+    }
+
+
+def expected_state_series(feed) -> set[tuple[str, ...]]:
+    return {
+        (c.connector, c.device, c.station, c.speed, state, "1.0" if c.simplified == state else "0.0")
+        for c in feed.connectors
+        for state in ("available", "charging", "unavailable")
+    }
+
+
+def expected_info_series(feed) -> set[tuple[str, ...]]:
+    return {(c.connector, c.device, c.station, c.speed, c.state) for c in feed.connectors}
+
+
+def test_labels_are_exactly_the_contract():
+    pipeline, endpoint = make_pipeline()
+    publish(pipeline, generate_feed(stations=5, seed=1))
+    exposition = scrape(endpoint)
+    for sample in exposition.samples("chargy_connector_state"):
+        assert set(sample.labels) == {"chargy_connector_state", "connector", "device", "station", "speed"}
+    for sample in exposition.samples("chargy_connector_detailed_state_info"):
+        assert set(sample.labels) == {"connector", "device", "station", "speed", "state"}
+    assert "otel_scope" not in exposition.text
+
+
+@pytest.mark.slow
+def test_ten_times_the_real_feed_is_exported_completely_without_overflow():
+    feed = generate_feed(connectors=17_000, seed=10)
+    pipeline, endpoint = make_pipeline()
+    publish(pipeline, feed)
+    exposition = scrape(endpoint)
+    assert len(feed.connectors) >= 17_000
+    assert state_series(exposition) == expected_state_series(feed)
+    assert info_series(exposition) == expected_info_series(feed)
+    assert "overflow" not in exposition.text
+    pipeline.shutdown()
+
+
+def test_churn_output_always_equals_the_current_feed():
+    feed = generate_feed(connectors=600, seed=2)
+    pipeline, endpoint = make_pipeline()
+    for refresh in range(25):
+        publish(pipeline, feed)
+        exposition = scrape(endpoint)
+        assert state_series(exposition) == expected_state_series(feed), f"refresh {refresh}"
+        assert info_series(exposition) == expected_info_series(feed), f"refresh {refresh}"
+        assert "overflow" not in exposition.text
+        feed = evolve(feed, seed=refresh, state_changes=0.5, removed=0.05, added_stations=15)
+    assert pipeline.rebuilds >= 1, "churn this heavy must have replaced the provider at least once"
+    pipeline.shutdown()
+
+
+def test_memory_stays_flat_across_many_refreshes():
+    feed = generate_feed(connectors=200, seed=4)
+    pipeline, endpoint = make_pipeline()
+
+    def live_objects_peak(refreshes: int) -> int:
+        # Objects the garbage collector tracks (attribute dicts, aggregations...), sampled every few refreshes.
+        peak = 0
+        nonlocal feed
+        for index in range(refreshes):
+            # Never-seen-before connectors and states on every refresh: what months of upstream churn look like.
+            feed = evolve(feed, seed=index, state_changes=0.5, removed=0.04, added_stations=4)
+            pipeline.publish(State(parse_kml(feed.kml), FeedStatus(up=True)))
+            endpoint.exposition("", "gzip")
+            if index % 4 == 3:
+                gc.collect()
+                peak = max(peak, len(gc.get_objects()))
+        return peak
+
+    live_objects_peak(40)  # warm-up: the provider fills up to its capacity and is replaced a few times
+    early = live_objects_peak(60)
+    late = live_objects_peak(240)
+    # Without the provider replacement the SDK keeps every attribute set ever seen and this grows with refreshes.
+    assert late < early * 1.1, (early, late)
+    pipeline.shutdown()
+
+
+def test_concurrent_scrapes_see_the_old_or_the_new_snapshot_never_a_mix():
+    first = generate_feed(connectors=300, seed=5)
+    second = evolve(first, seed=6, state_changes=0.6, removed=0.1, added_stations=20)
+    snapshots = [parse_kml(first.kml), parse_kml(second.kml)]
+    valid = [expected_state_series(first), expected_state_series(second)]
+    pipeline, endpoint = make_pipeline()
+    pipeline.publish(State(snapshots[0], FeedStatus(up=True)))
+    stop = threading.Event()
+    mixed: list[int] = []
+    seen: set[int] = set()
+
+    def scraper() -> None:
+        while not stop.is_set():
+            series = state_series(scrape(endpoint))
+            if series in valid:
+                seen.add(valid.index(series))
+            else:
+                mixed.append(len(series))
+
+    threads = [threading.Thread(target=scraper) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for index in range(40):
+        pipeline.publish(State(snapshots[index % 2], FeedStatus(up=True)))
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not mixed
+    assert seen == {0, 1}
+    pipeline.shutdown()
+
+
+def test_self_metrics_follow_the_status():
+    pipeline, endpoint = make_pipeline()
+    feed = generate_feed(stations=12, seed=8)
+    snapshot = parse_kml(feed.kml)
+    status = FeedStatus(up=False, last_success_time=1_700_000_000.5, last_refresh_duration=0.25,
+                        errors={"timeout": 3}, skipped={"malformed_device_json": 2})  # fmt: skip
+    pipeline.publish(State(snapshot, status))
+    exposition = scrape(endpoint)
+    assert exposition.value("chargy_feed_up") == 0
+    assert exposition.value("chargy_feed_last_success_timestamp_seconds") == 1_700_000_000.5
+    assert exposition.value("chargy_feed_refresh_duration_seconds") == 0.25
+    assert exposition.value("chargy_feed_refresh_errors_total", reason="timeout") == 3
+    assert exposition.value("chargy_feed_refresh_errors_total", reason="http_5xx") == 0
+    assert exposition.value("chargy_feed_skipped_records_total", reason="malformed_device_json") == 2
+    assert exposition.value("chargy_stations") == len(feed.stations)
+    assert exposition.value("chargy_devices") == sum(len(s.devices) for s in feed.stations)
+    assert exposition.value("chargy_connectors") == len(feed.connectors)
+    stations = {(s.labels["station"], s.labels["latitude"], s.labels["longitude"])
+                for s in exposition.samples("chargy_station_info")}  # fmt: skip
+    assert stations == {(s.name, str(s.latitude), str(s.longitude)) for s in feed.stations}
+    pipeline.shutdown()
+
+
+def test_before_the_first_refresh_there_is_no_connector_data_and_feed_up_is_0():
+    pipeline, endpoint = make_pipeline()
+    pipeline.publish(State())
+    exposition = scrape(endpoint)
+    assert exposition.value("chargy_feed_up") == 0
+    assert exposition.samples("chargy_connector_state") == []
+    assert exposition.value("chargy_feed_last_success_timestamp_seconds") is None
+    pipeline.shutdown()
