@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -184,6 +183,7 @@ def final(stages: list[Stage]) -> Stage:
 
 @pytest.fixture(scope="module")
 def console_scripts() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     with (ROOT / "pyproject.toml").open("rb") as fh:
         return dict(tomllib.load(fh)["project"]["scripts"])
 
@@ -297,11 +297,25 @@ def test_every_copy_source_exists_and_is_in_the_build_context(stages: list[Stage
 
 
 def test_dockerignore_keeps_the_context_small_and_free_of_local_state() -> None:
-    for path in (".git/config", ".venv/bin/python", "tests/test_deploy.py", "src/chargy_exporter/__pycache__/x.pyc",
-                 ".pytest_cache/v/cache", "benchmarks/results.json", ".env", "dist/x.whl", "build/lib/x.py"):
+    for path in (
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_deploy.py",
+        "src/chargy_exporter/__pycache__/x.pyc",
+        ".pytest_cache/v/cache",
+        "benchmarks/results.json",
+        ".env",
+        "dist/x.whl",
+        "build/lib/x.py",
+    ):
         assert dockerignored(path), f"{path} would be sent to the Docker daemon"
-    for path in ("pyproject.toml", "README.md", "LICENSE", "src/chargy_exporter/cli.py",
-                 "src/chargy_exporter/data/sample-feed.kml"):
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "src/chargy_exporter/cli.py",
+        "src/chargy_exporter/data/sample-feed.kml",
+    ):
         assert not dockerignored(path), f"{path} is needed to build the wheel"
 
 
@@ -320,7 +334,9 @@ def test_healthcheck_command_passes_on_a_running_exporter_and_fails_without_one(
 
     exporter = subprocess.Popen(
         [sys.executable, "-m", "chargy_exporter", "--demo", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 30
@@ -354,7 +370,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         target.write_bytes((ROOT / relative).read_bytes())
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(context)],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     wheels = list(out.glob("chargy_exporter-*.whl"))
@@ -481,7 +500,10 @@ def test_prometheus_scrapes_the_compose_services(compose: dict[str, Any], collec
     assert host in compose["services"] and int(port) in _published(compose["services"][host])
 
     collector_targets = [
-        t for job in jobs.values() for static in job["static_configs"] for t in static["targets"]
+        t
+        for job in jobs.values()
+        for static in job["static_configs"]
+        for t in static["targets"]
         if t.startswith("otel-collector:")
     ]
     exporter_port = collector["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
@@ -551,8 +573,11 @@ def test_collector_endpoints_and_contract_labels(collector: dict[str, Any]) -> N
 
 
 def test_collector_documents_a_vendor_backend_with_a_header_from_the_environment() -> None:
-    comments = [line.strip().lstrip("#").strip() for line in COLLECTOR.read_text(encoding="utf-8").splitlines()
-                if line.strip().startswith("#")]
+    comments = [
+        line.strip().lstrip("#").strip()
+        for line in COLLECTOR.read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("#")
+    ]
     assert any(re.fullmatch(r"otlphttp(/\w+)?:", line) for line in comments), "no commented otlphttp exporter"
     assert any(re.fullmatch(r'Authorization: "Bearer \$\{env:\w+\}"', line) for line in comments), (
         "the example must read the vendor token from the collector's environment"

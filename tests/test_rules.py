@@ -74,8 +74,10 @@ MUTATIONS = {
     "stale means older than 15 minutes": ("> 900", "> 1800"),
     "stale also when the timestamp is absent": ("unless on(job, instance)", "and on(job, instance)"),
     "feed down waits 15m": ("for: 15m", "for: 30m"),
-    "all-unavailable ignores charging stations": ('{chargy_connector_state!="unavailable"}',
-                                                  '{chargy_connector_state="available"}'),
+    "all-unavailable ignores charging stations": (
+        '{chargy_connector_state!="unavailable"}',
+        '{chargy_connector_state="available"}',
+    ),
     "per-station sums keep the state": ("sum by (station, chargy_connector_state)", "sum by (station)"),
     "no-available count is 0, not absent": ("or on() (count(sum by (station) (chargy_connector_state)) * 0)\n  ", ""),
 }
@@ -101,8 +103,12 @@ def test_recording_rule_names_follow_prometheus_conventions(rules: dict[str, dic
 
 
 def test_alerts_have_the_documented_conditions(rules: dict[str, dict[str, Any]]) -> None:
-    expected_for = {"ChargyExporterDown": "10m", "ChargyFeedStale": "5m", "ChargyFeedDown": "15m",
-                    "ChargyStationAllUnavailable": "1h"}
+    expected_for = {
+        "ChargyExporterDown": "10m",
+        "ChargyFeedStale": "5m",
+        "ChargyFeedDown": "15m",
+        "ChargyStationAllUnavailable": "1h",
+    }
     alerts = {name: rule for name, rule in rules.items() if "alert" in rule}
     assert set(alerts) == set(expected_for)
     for name, rule in alerts.items():
