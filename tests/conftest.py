@@ -136,6 +136,28 @@ def parse_exposition(text: str) -> Exposition:
     return exposition
 
 
+def assert_matches_feed(exposition, feed) -> None:
+    """Connector by connector: three state series (1 for the current state) and one info series, nothing else."""
+    expected_state = {
+        (c.connector, c.device, c.station, c.speed, state): 1.0 if c.simplified == state else 0.0
+        for c in feed.connectors
+        for state in ("available", "charging", "unavailable")
+    }
+    got_state = {
+        (s.labels["connector"], s.labels["device"], s.labels["station"], s.labels["speed"],
+         s.labels["chargy_connector_state"]): s.value
+        for s in exposition.samples("chargy_connector_state")
+    }  # fmt: skip
+    assert len(exposition.samples("chargy_connector_state")) == len(got_state) == 3 * len(feed.connectors)
+    assert got_state == expected_state
+    got_info = {
+        (s.labels["connector"], s.labels["device"], s.labels["station"], s.labels["speed"], s.labels["state"]): s.value
+        for s in exposition.samples("chargy_connector_detailed_state_info")
+    }
+    assert got_info == {(c.connector, c.device, c.station, c.speed, c.state): 1.0 for c in feed.connectors}
+    assert "otel_metric_overflow" not in exposition.text
+
+
 def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
