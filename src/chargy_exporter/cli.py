@@ -14,7 +14,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, OTELResou
 from . import __version__
 from .config import Config, RedactingFilter, load_config
 from .feed import FeedClient
-from .metrics import MetricsPipeline
+from .metrics import MetricsPipeline, ReaderFactory
+from .otlp import OtlpPush
 from .prometheus import PrometheusEndpoint
 from .refresher import Refresher
 
@@ -42,7 +43,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config)
 
     endpoint = PrometheusEndpoint()
-    pipeline = MetricsPipeline([endpoint.make_reader], build_resource(), on_published=[endpoint.render])
+    exporters = config.metrics_exporter.split(",")
+    # Without prometheus the HTTP server still answers /healthz; /metrics is then empty.
+    readers: list[ReaderFactory] = [endpoint.make_reader] if "prometheus" in exporters else []
+    push = OtlpPush(config.otlp) if config.otlp is not None else None
+    if push is not None:
+        readers.append(push.make_reader)
+    instruments = [push.register_instruments] if push is not None else []
+    pipeline = MetricsPipeline(readers, build_resource(), on_published=[endpoint.render], instruments=instruments)
+    if push is not None:
+        push.attach(pipeline.notify)
+        log.info(
+            "pushing OTLP metrics (%s) to %s every %g s",
+            push.settings.protocol,
+            push.settings.shown_endpoint,
+            push.settings.export_interval,
+        )
+    if not readers:
+        log.warning("no metrics exporter enabled (OTEL_METRICS_EXPORTER=none): only /healthz is served")
     client = FeedClient(config)
     refresher = Refresher(config, client, pipeline.publish)
     try:

@@ -14,10 +14,13 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, NoReturn
-from urllib.parse import parse_qsl, urlsplit
+from typing import TYPE_CHECKING, Any, Final, NoReturn
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .otlp_settings import OtlpSettings
 
 PUBLIC_FEED_URL: Final = (
     "https://my.chargy.lu/b2bev-external-services/resources/kml?API-KEY=486ac6e4-93b8-4369-9c6a-28f7c4e1a81f"
@@ -25,6 +28,8 @@ PUBLIC_FEED_URL: Final = (
 DEMO_FEED_PATH: Final = Path(__file__).parent / "data" / "sample-feed.kml"
 REDACTED: Final = "REDACTED"
 # Query parameters whose value is a credential, compared case-insensitively.
+# What requests.utils.requote_uri leaves unquoted.
+_REQUOTE_SAFE: Final = "!#$%&'()*+,/:;=?@[]~"
 _SECRET_PARAMETERS: Final = re.compile(r"^(api[-_]?key|key|token|access[-_]?token|secret|password)$", re.IGNORECASE)
 
 
@@ -42,6 +47,10 @@ class Config:
     max_feed_bytes: int = 20 * 1024 * 1024
     log_level: str = "INFO"
     demo: bool = False
+    metrics_exporter: str = "prometheus"  # comma list of prometheus, otlp; or none
+    otlp_endpoint: str = ""
+    otlp_protocol: str = ""  # grpc or http/protobuf; "" = from OTEL_EXPORTER_OTLP_PROTOCOL, else grpc
+    otlp: OtlpSettings | None = None  # resolved OTLP push settings when otlp is enabled
     # Values that must never appear in any output (the API key of kml_url, a password in it).
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
@@ -57,8 +66,13 @@ def url_secrets(url: str) -> tuple[str, ...]:
     """The credential values carried by a URL: secret query parameters and a userinfo password."""
     parts = urlsplit(url)
     found = [value for name, value in parse_qsl(parts.query, keep_blank_values=False) if _SECRET_PARAMETERS.match(name)]
+    # Also as written in the URL and as requests re-quotes it (urllib3 logs that form): "a%2Fb", "a+b", "a b".
+    for pair in parts.query.split("&"):
+        name, _, raw = pair.partition("=")
+        if raw and _SECRET_PARAMETERS.match(unquote_plus(name)):
+            found.extend((raw, quote(raw, safe=_REQUOTE_SAFE), quote(unquote_plus(raw), safe="")))
     if parts.password:
-        found.append(parts.password)
+        found.extend((parts.password, unquote(parts.password)))
     # Longest first so that a secret containing another is replaced whole.
     return tuple(sorted({secret for secret in found if secret}, key=len, reverse=True))
 
@@ -145,6 +159,31 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _metrics_exporters(value: str) -> str:
+    names = list(dict.fromkeys(name.strip().lower() for name in value.split(",") if name.strip()))
+    for name in names:
+        if name not in ("prometheus", "otlp", "none"):
+            raise ConfigError(f"unknown exporter {name!r} (use prometheus, otlp or none, comma-separated)")
+    if not names:
+        raise ConfigError("empty (use prometheus, otlp or none)")
+    if "none" in names and len(names) > 1:
+        raise ConfigError("none cannot be combined with other exporters")
+    return ",".join(names)
+
+
+def _otlp_protocol(value: str) -> str:
+    from .otlp_settings import parse_protocol
+
+    return parse_protocol(value)
+
+
+def _otlp_endpoint(value: str) -> str:
+    endpoint = value.strip()
+    if not endpoint:
+        raise ConfigError("empty")
+    return endpoint
+
+
 def _boolean(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -179,7 +218,9 @@ _OPTIONS: Final = (
         "seconds between feed refreshes; upstream is asked at most once per interval",
         "SECONDS",
     ),
-    _Option("--fetch-timeout", "CHARGY_FETCH_TIMEOUT", _positive_seconds(0.1), "seconds to wait for upstream", "SECONDS"),
+    _Option(
+        "--fetch-timeout", "CHARGY_FETCH_TIMEOUT", _positive_seconds(0.1), "seconds to wait for upstream", "SECONDS"
+    ),
     _Option(
         "--max-feed-bytes",
         "CHARGY_MAX_FEED_BYTES",
@@ -194,6 +235,27 @@ _OPTIONS: Final = (
         _boolean,
         "serve the bundled sample feed instead of the network (no internet needed)",
         is_switch=True,
+    ),
+    _Option(
+        "--metrics-exporter",
+        "OTEL_METRICS_EXPORTER",
+        _metrics_exporters,
+        "comma list: prometheus (the /metrics endpoint), otlp (push), or none",
+        "LIST",
+    ),
+    _Option(
+        "--otlp-endpoint",
+        "CHARGY_OTLP_ENDPOINT",
+        _otlp_endpoint,
+        "OTLP receiver to push to; enables otlp (else OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT)",
+        "URL",
+    ),
+    _Option(
+        "--otlp-protocol",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+        _otlp_protocol,
+        "grpc or http/protobuf (else OTEL_EXPORTER_OTLP_PROTOCOL, else grpc)",
+        "PROTOCOL",
     ),
 )
 
@@ -247,4 +309,11 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     if values.get("demo"):
         values["kml_url"] = DEMO_FEED_PATH.as_uri()
     config = Config(**values)
-    return Config(**{**values, "secrets": url_secrets(config.kml_url)})
+    values["secrets"] = url_secrets(config.kml_url)
+    from .otlp_settings import resolve_otlp  # here: otlp_settings imports this module
+
+    try:
+        values.update(resolve_otlp(Config(**values), environ))
+    except ConfigError as error:
+        parser.error(str(error))
+    return Config(**values)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
 from opentelemetry.sdk.metrics.export import CardinalityLimits, MetricReader
 from opentelemetry.sdk.resources import Resource
@@ -27,7 +27,7 @@ from opentelemetry.sdk.resources import Resource
 from . import __version__
 from .feed import FEED_ERROR_REASONS
 from .kml import KML_ERROR_REASONS, SKIP_REASONS
-from .model import SIMPLIFIED_STATES
+from .model import EMPTY_SNAPSHOT, SIMPLIFIED_STATES, Snapshot
 from .status import State
 
 log = logging.getLogger(__name__)
@@ -40,23 +40,29 @@ _SLACK: Final = 1024
 
 
 @dataclass(frozen=True)
-class _Observations:
-    """Everything the callbacks return for one published state, built once."""
+class _SnapshotObservations:
+    """What the connector and station instruments report for one snapshot, built once per snapshot."""
 
     connector_state: list[Observation]
     detailed_state: list[Observation]
     station_info: list[Observation]
-    feed: dict[str, list[Observation]]
     # Identity of each attribute set above, for the stale-set bookkeeping.
     keys: frozenset[tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class _Observations:
+    """Everything the callbacks return for one published state."""
+
+    snapshot: _SnapshotObservations
+    feed: dict[str, list[Observation]]
 
 
 def _coordinate(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-def build_observations(state: State) -> _Observations:
-    snapshot, status = state.snapshot, state.status
+def observe_snapshot(snapshot: Snapshot) -> _SnapshotObservations:
     connector_state: list[Observation] = []
     detailed_state: list[Observation] = []
     keys: set[tuple[str, ...]] = set()
@@ -85,12 +91,17 @@ def build_observations(state: State) -> _Observations:
             )
         )
         keys.add(("station", station.name, station.address, latitude, longitude))
+    return _SnapshotObservations(connector_state, detailed_state, station_info, frozenset(keys))
+
+
+def observe_status(state: State) -> dict[str, list[Observation]]:
+    snapshot, status = state.snapshot, state.status
 
     def counts(totals: dict[str, int], known: Iterable[str]) -> list[Observation]:
         # Every known reason from the start at 0, so rate() and increase() work from the first error on.
         return [Observation(totals.get(reason, 0), {"reason": reason}) for reason in sorted({*known, *totals})]
 
-    feed = {
+    return {
         "up": [Observation(1 if status.up else 0)],
         "last_success": [] if status.last_success_time is None else [Observation(status.last_success_time)],
         "duration": [] if status.last_refresh_duration is None else [Observation(status.last_refresh_duration)],
@@ -100,7 +111,6 @@ def build_observations(state: State) -> _Observations:
         "devices": [Observation(snapshot.device_count)],
         "connectors": [Observation(snapshot.connector_count)],
     }
-    return _Observations(connector_state, detailed_state, station_info, feed, frozenset(keys))
 
 
 class MetricsPipeline:
@@ -111,17 +121,22 @@ class MetricsPipeline:
         reader_factories: Sequence[ReaderFactory],
         resource: Resource,
         on_published: Sequence[Callable[[], None]] = (),
+        instruments: Sequence[Callable[[Meter], None]] = (),
     ) -> None:
         self._reader_factories = tuple(reader_factories)
+        # More instruments (e.g. the OTLP exporter's error counter), registered on every provider built.
+        self._more_instruments = tuple(instruments)
         self._resource = resource
         self._on_published = list(on_published)
         self._lock = threading.RLock()
-        self._current = build_observations(State())
+        self._current_snapshot = EMPTY_SNAPSHOT
+        self._current = _Observations(observe_snapshot(EMPTY_SNAPSHOT), observe_status(State()))
         self._seen: set[tuple[str, ...]] = set()
         self._capacity = 0
         self._provider: MeterProvider | None = None
         self._rebuilds = -1
         self._rebuild(live=0)
+        self.notify()  # outputs show feed_up 0 and no connector data until the first refresh
 
     @property
     def capacity(self) -> int:
@@ -132,20 +147,22 @@ class MetricsPipeline:
     def rebuilds(self) -> int:
         return self._rebuilds
 
-    def add_published_hook(self, hook: Callable[[], None]) -> None:
-        with self._lock:
-            self._on_published.append(hook)
-
     def publish(self, state: State) -> None:
         """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up."""
-        observations = build_observations(state)
+        # A failed refresh or a 304 publishes the same snapshot again: only the feed's status changed.
+        same = state.snapshot is self._current_snapshot
+        observations = _Observations(
+            self._current.snapshot if same else observe_snapshot(state.snapshot), observe_status(state)
+        )
         with self._lock:
-            seen = self._seen | observations.keys
+            keys = observations.snapshot.keys
+            seen = self._seen | keys
             if len(seen) > self._capacity:
-                self._rebuild(live=len(observations.keys))
-                seen = set(observations.keys)
+                self._rebuild(live=len(keys))
+                seen = set(keys)
             self._seen = seen
             self._current = observations
+            self._current_snapshot = state.snapshot
             self.notify()
 
     def notify(self) -> None:
@@ -178,12 +195,17 @@ class MetricsPipeline:
         self._rebuilds += 1
         if old is not None:
             log.debug("replaced the meter provider to drop stale series (capacity now %d)", self._capacity)
-            old.shutdown(timeout_millis=5_000)
+            # In the background: an OTLP reader's last export must not hold up the refresh that asked for this.
+            threading.Thread(
+                target=old.shutdown, kwargs={"timeout_millis": 5_000}, name="old-provider-shutdown", daemon=True
+            ).start()
 
     def _register_instruments(self, provider: MeterProvider) -> None:
         meter = provider.get_meter("chargy_exporter", __version__)
 
-        def current(select: Callable[[_Observations], list[Observation]]) -> Callable[[CallbackOptions], list[Observation]]:
+        def current(
+            select: Callable[[_Observations], list[Observation]],
+        ) -> Callable[[CallbackOptions], list[Observation]]:
             return lambda _options: select(self._current)
 
         def feed(key: str) -> Callable[[CallbackOptions], list[Observation]]:
@@ -191,17 +213,17 @@ class MetricsPipeline:
 
         meter.create_observable_gauge(
             "chargy_connector_state",
-            [current(lambda observations: observations.connector_state)],
+            [current(lambda observations: observations.snapshot.connector_state)],
             description="Simplified connector state: 1 for the current one of available|charging|unavailable, else 0",
         )
         meter.create_observable_gauge(
             "chargy_connector_detailed_state_info",
-            [current(lambda observations: observations.detailed_state)],
+            [current(lambda observations: observations.snapshot.detailed_state)],
             description="Raw upstream connector state (OCPP-like), always 1",
         )
         meter.create_observable_gauge(
             "chargy_station_info",
-            [current(lambda observations: observations.station_info)],
+            [current(lambda observations: observations.snapshot.station_info)],
             description="Station address and coordinates (WGS84), always 1",
         )
         meter.create_observable_gauge(
@@ -234,3 +256,5 @@ class MetricsPipeline:
         meter.create_observable_gauge(
             "chargy_connectors", [feed("connectors")], description="Connectors in the served data"
         )
+        for register in self._more_instruments:
+            register(meter)
