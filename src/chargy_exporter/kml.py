@@ -20,7 +20,19 @@ import xmltodict
 from .model import Connector, Device, Snapshot, Station
 
 KML_NAMESPACE: Final = "http://www.opengis.net/kml/2.2"
-KML_ERROR_REASONS: Final = ("not_kml", "malformed_xml", "forbidden_xml", "empty_feed")
+KML_ERROR_REASONS: Final = ("not_kml", "malformed_xml", "forbidden_xml", "empty_feed", "too_many_records")
+# Bounds on what one document may make the exporter hold (the byte cap alone does not bound it: 20 MiB of
+# `<x a="1"/>` is 2 million dicts; 20 MiB of minimal connector JSON is 500,000 connectors, ~8 GB of series).
+# The real feed has ~20,000 XML elements and attributes, ~1,700 connectors, device values of ~500 bytes; the limits
+# leave room for a network ten times larger (a feed at the connector limit peaks near 430 MB).
+MAX_XML_NODES: Final = 500_000
+MAX_CONNECTORS: Final = 20_000
+MAX_DEVICE_JSON: Final = 64 * 1024
+# Only these elements and attributes are kept below the root while parsing; the rest is dropped as it is read.
+_KEPT: Final = frozenset(
+    {"kml", "Document", "Placemark", "name", "address", "ExtendedData", "Data", "value", "Point", "coordinates"}
+    | {"@name", "#text"}
+)
 SKIP_REASONS: Final = (
     "malformed_device_json",
     "invalid_device",
@@ -38,6 +50,10 @@ class KmlError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class _TooManyNodes(Exception):
+    pass
 
 
 class _Skipped(Exception):
@@ -75,6 +91,16 @@ def parse_kml(document: bytes) -> Snapshot:
 
 
 def _parse_xml(document: bytes) -> dict[str, Any]:
+    budget = MAX_XML_NODES
+
+    def keep_what_is_used(path: list[Any], key: str, value: Any) -> tuple[str, Any] | None:
+        # Called for every element and attribute as it is read: count them, drop what the feed model never reads.
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise _TooManyNodes
+        return (key, value) if key in _KEPT or len(path) <= 1 else None
+
     try:
         parsed = xmltodict.parse(
             document,
@@ -82,9 +108,18 @@ def _parse_xml(document: bytes) -> dict[str, Any]:
             namespaces={KML_NAMESPACE: None},
             force_list=("Placemark", "Data"),
             disable_entities=True,
+            postprocessor=keep_what_is_used,
         )
+    except _TooManyNodes:
+        raise KmlError("too_many_records", f"the document has over {MAX_XML_NODES} XML elements, refused") from None
+    except (LookupError, UnicodeError) as error:
+        # The XML declaration names an encoding Python does not know, or one that is not a text encoding.
+        raise KmlError("malformed_xml", f"the document's encoding cannot be read ({error})") from None
     except ValueError as error:
-        # xmltodict raises ValueError("entities are disabled") on any <!ENTITY> declaration.
+        # xmltodict raises ValueError("entities are disabled") on any <!ENTITY> declaration; pyexpat raises
+        # ValueError("multi-byte encodings are not supported") for a declared encoding such as utf-32.
+        if "entities" not in str(error):
+            raise KmlError("malformed_xml", f"the document cannot be read ({error})") from None
         raise KmlError("forbidden_xml", f"the document declares XML entities, which are refused ({error})") from None
     except ExpatError as error:
         raise KmlError("malformed_xml", f"the document is not well-formed XML ({error})") from None
@@ -117,6 +152,8 @@ def _station(placemark: Mapping[str, Any], skipped: Counter[str], seen_connector
 def _device(value: Any, skipped: Counter[str], seen_connectors: set[str]) -> Device:
     if not isinstance(value, str):
         raise _Skipped("malformed_device_json")
+    if len(value) > MAX_DEVICE_JSON:
+        raise _Skipped("invalid_device")
     try:
         device = json.loads(value)
     except (ValueError, RecursionError):
@@ -139,6 +176,8 @@ def _device(value: Any, skipped: Counter[str], seen_connectors: set[str]) -> Dev
             # Two series with the same identity would be merged by the SDK; keep the first, say so.
             skipped["duplicate_connector"] += 1
             continue
+        if len(seen_connectors) >= MAX_CONNECTORS:
+            raise KmlError("too_many_records", f"the feed has over {MAX_CONNECTORS} connectors, refused")
         seen_connectors.add(connector.name)
         parsed.append(connector)
     return Device(name=name.strip(), connectors=tuple(parsed))
