@@ -114,3 +114,9 @@ def test_the_command_line_error_path_really_exits_2():
     result = subprocess.run([*exporter_command(), "--port", "none"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--port" in result.stderr
+
+
+def test_max_connectors_option():
+    assert load_config(["--max-connectors", "50000"], {}).max_connectors == 50_000
+    assert load_config([], {"CHARGY_MAX_CONNECTORS": "3000"}).max_connectors == 3000
+    assert load_config([], {}).max_connectors == 20_000

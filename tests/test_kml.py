@@ -189,3 +189,11 @@ def test_a_generated_production_size_feed_is_parsed_completely():
     expected = sorted((c.station, c.device, c.connector, c.speed, c.state, c.simplified) for c in feed.connectors)
     assert sorted(rows(snapshot)) == expected
     assert len(snapshot.stations) == len(feed.stations)
+
+
+def test_the_connector_limit_is_a_parameter():
+    feed = generate_feed(stations=30, seed=9)
+    with pytest.raises(KmlError) as raised:
+        parse_kml(feed.kml, max_connectors=len(feed.connectors) - 1)
+    assert raised.value.reason == "too_many_records" and "--max-connectors" in str(raised.value)
+    assert parse_kml(feed.kml, max_connectors=len(feed.connectors)).connector_count == len(feed.connectors)

@@ -45,6 +45,7 @@ class Config:
     refresh_interval: float = 300.0
     fetch_timeout: float = 30.0
     max_feed_bytes: int = 20 * 1024 * 1024
+    max_connectors: int = 20_000
     log_level: str = "INFO"
     demo: bool = False
     metrics_exporter: str = "prometheus"  # comma list of prometheus, otlp; or none
@@ -152,6 +153,13 @@ def _byte_count(value: str) -> int:
     return count
 
 
+def _count(value: str) -> int:
+    count = int(value)
+    if count < 1:
+        raise ConfigError("must be a positive whole number")
+    return count
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -227,6 +235,13 @@ _OPTIONS: Final = (
         _byte_count,
         "largest feed accepted (bytes, or with KiB/MiB/GiB); larger answers are refused",
         "BYTES",
+    ),
+    _Option(
+        "--max-connectors",
+        "CHARGY_MAX_CONNECTORS",
+        _count,
+        "largest number of connectors accepted (memory grows ~16 KB per connector); larger feeds are refused",
+        "N",
     ),
     _Option("--log-level", "CHARGY_LOG_LEVEL", _log_level, "debug, info, warning, error or critical", "LEVEL"),
     _Option(

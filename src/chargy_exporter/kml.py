@@ -24,8 +24,10 @@ KML_ERROR_REASONS: Final = ("not_kml", "malformed_xml", "forbidden_xml", "empty_
 # Bounds on what one document may make the exporter hold (the byte cap alone does not bound it: 20 MiB of
 # `<x a="1"/>` is 2 million dicts; 20 MiB of minimal connector JSON is 500,000 connectors, ~8 GB of series).
 # The real feed has ~20,000 XML elements and attributes, ~1,700 connectors, device values of ~500 bytes; the limits
-# leave room for a network ten times larger (a feed at the connector limit peaks near 430 MB).
+# leave room for a network ten times larger (a feed at the connector limit peaks near 430 MB). The connector limit
+# is --max-connectors; the element budget grows with it (the real feed has ~12 elements and attributes a connector).
 MAX_XML_NODES: Final = 500_000
+XML_NODES_PER_CONNECTOR: Final = 25
 MAX_CONNECTORS: Final = 20_000
 MAX_DEVICE_JSON: Final = 64 * 1024
 # Only these elements and attributes are kept below the root while parsing; the rest is dropped as it is read.
@@ -62,9 +64,9 @@ class _Skipped(Exception):
         self.reason = reason
 
 
-def parse_kml(document: bytes) -> Snapshot:
+def parse_kml(document: bytes, max_connectors: int = MAX_CONNECTORS) -> Snapshot:
     """Build a snapshot from a KML document, or raise `KmlError` saying why the document is unusable."""
-    root = _parse_xml(document)
+    root = _parse_xml(document, max(MAX_XML_NODES, XML_NODES_PER_CONNECTOR * max_connectors))
     kml = root.get("kml")
     if not isinstance(kml, dict):
         found = next(iter(root), "nothing")
@@ -82,7 +84,7 @@ def parse_kml(document: bytes) -> Snapshot:
         if not isinstance(placemark, dict):
             skipped["invalid_placemark"] += 1
             continue
-        stations.append(_station(placemark, skipped, seen_connectors))
+        stations.append(_station(placemark, skipped, seen_connectors, max_connectors))
 
     if not stations:
         # The real network never has zero stations: an empty document is an upstream fault, not a fact to publish.
@@ -90,8 +92,8 @@ def parse_kml(document: bytes) -> Snapshot:
     return Snapshot(stations=tuple(stations), skipped=MappingProxyType(dict(skipped)))
 
 
-def _parse_xml(document: bytes) -> dict[str, Any]:
-    budget = MAX_XML_NODES
+def _parse_xml(document: bytes, max_nodes: int) -> dict[str, Any]:
+    budget = max_nodes
 
     def keep_what_is_used(path: list[Any], key: str, value: Any) -> tuple[str, Any] | None:
         # Called for every element and attribute as it is read: count them, drop what the feed model never reads.
@@ -111,7 +113,7 @@ def _parse_xml(document: bytes) -> dict[str, Any]:
             postprocessor=keep_what_is_used,
         )
     except _TooManyNodes:
-        raise KmlError("too_many_records", f"the document has over {MAX_XML_NODES} XML elements, refused") from None
+        raise KmlError("too_many_records", f"the document has over {max_nodes} XML elements, refused") from None
     except (LookupError, UnicodeError) as error:
         # The XML declaration names an encoding Python does not know, or one that is not a text encoding.
         raise KmlError("malformed_xml", f"the document's encoding cannot be read ({error})") from None
@@ -128,7 +130,9 @@ def _parse_xml(document: bytes) -> dict[str, Any]:
     return parsed
 
 
-def _station(placemark: Mapping[str, Any], skipped: Counter[str], seen_connectors: set[str]) -> Station:
+def _station(
+    placemark: Mapping[str, Any], skipped: Counter[str], seen_connectors: set[str], max_connectors: int
+) -> Station:
     latitude, longitude = _coordinates(placemark.get("Point"))
     devices = []
     extended = placemark.get("ExtendedData")
@@ -137,7 +141,7 @@ def _station(placemark: Mapping[str, Any], skipped: Counter[str], seen_connector
         if not isinstance(data, dict) or data.get("@name") != "chargingdevice":
             continue
         try:
-            devices.append(_device(data.get("value"), skipped, seen_connectors))
+            devices.append(_device(data.get("value"), skipped, seen_connectors, max_connectors))
         except _Skipped as skip:
             skipped[skip.reason] += 1
     return Station(
@@ -149,7 +153,7 @@ def _station(placemark: Mapping[str, Any], skipped: Counter[str], seen_connector
     )
 
 
-def _device(value: Any, skipped: Counter[str], seen_connectors: set[str]) -> Device:
+def _device(value: Any, skipped: Counter[str], seen_connectors: set[str], max_connectors: int) -> Device:
     if not isinstance(value, str):
         raise _Skipped("malformed_device_json")
     if len(value) > MAX_DEVICE_JSON:
@@ -176,8 +180,8 @@ def _device(value: Any, skipped: Counter[str], seen_connectors: set[str]) -> Dev
             # Two series with the same identity would be merged by the SDK; keep the first, say so.
             skipped["duplicate_connector"] += 1
             continue
-        if len(seen_connectors) >= MAX_CONNECTORS:
-            raise KmlError("too_many_records", f"the feed has over {MAX_CONNECTORS} connectors, refused")
+        if len(seen_connectors) >= max_connectors:
+            raise KmlError("too_many_records", f"the feed has over {max_connectors} connectors (--max-connectors)")
         seen_connectors.add(connector.name)
         parsed.append(connector)
     return Device(name=name.strip(), connectors=tuple(parsed))

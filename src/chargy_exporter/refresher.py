@@ -75,7 +75,7 @@ class Refresher:
                 log.debug("feed not modified since the last refresh")
             else:
                 assert fetched.body is not None
-                snapshot = parse_kml(fetched.body)
+                snapshot = parse_kml(fetched.body, self._config.max_connectors)
                 skipped = snapshot.skipped
                 self._validators = fetched.validators
         except (FeedError, KmlError) as error:
