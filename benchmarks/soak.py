@@ -27,12 +27,13 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import memory_kb, serve_on_loopback  # noqa: E402
 from feedgen import GeneratedFeed, evolve, generate_feed  # noqa: E402
 
 API_KEY = "soak-secret-key-0000"
@@ -84,9 +85,7 @@ class ChurningFeedServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd = serve_on_loopback(Handler)
         self._prepare()
 
     @property
@@ -110,15 +109,6 @@ class ChurningFeedServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
 
 
 def cpu_seconds(pid: int) -> float:

@@ -27,6 +27,35 @@ from feedgen import generate_feed
 TEST_API_KEY = "test-secret-0123456789abcdef"
 
 
+def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """A threading HTTP server on 127.0.0.1 (a free port), serving in a daemon thread until shutdown()."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def require_binary(name: str) -> str:
+    """The path of an outside program the test needs: skipped with the reason when missing, failed in CI."""
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (Debian package `prometheus`: apt-get install prometheus)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; .ci/run must install it")
+    pytest.skip(message)
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Resident memory of a process now (VmRSS) and at its peak (VmHWM), in KiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -73,11 +102,8 @@ class FeedServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = serve_on_loopback(Handler)
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
 
     @property
     def url(self) -> str:

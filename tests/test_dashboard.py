@@ -10,9 +10,7 @@ Outside CI these tests skip when the prometheus binary is missing; with CI set t
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -26,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ExporterProcess, FeedServer, free_port
+from conftest import ExporterProcess, FeedServer, free_port, require_binary
 from feedgen import ExpectedConnector, GeneratedFeed, generate_feed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,16 +187,6 @@ def test_fast_charger_selector_means_50_kw_or_more(speed: str) -> None:
 
 
 # --------------------------------------------------------------------------- the live stack
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed (Debian package `prometheus`: apt-get install prometheus)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message}; .ci/run must install it")
-    pytest.skip(message)
 
 
 def build_feed() -> GeneratedFeed:

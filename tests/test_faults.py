@@ -31,7 +31,15 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from conftest import TEST_API_KEY, ExporterProcess, FeedServer, exporter_command, http_get, parse_exposition
+from conftest import (
+    TEST_API_KEY,
+    ExporterProcess,
+    FeedServer,
+    exporter_command,
+    http_get,
+    memory_kb,
+    parse_exposition,
+)
 from feedgen import GeneratedFeed, evolve, generate_feed
 
 pytestmark = pytest.mark.e2e
@@ -43,15 +51,6 @@ SERIES = ("chargy_connector_state", "chargy_connector_detailed_state_info", "cha
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
 
 
 def series(exposition: object) -> frozenset[tuple[str, tuple[tuple[str, str], ...], float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -16,6 +17,8 @@ from conftest import ExporterProcess, FeedServer, free_port, http_get
 from feedgen import GeneratedFeed, generate_feed
 from opentelemetry.sdk.resources import Resource
 from otlp_receivers import Failure, GrpcReceiver, HttpReceiver, ReceiverBase, attribute_key, iter_points, point_value
+
+from chargy_exporter.otlp import MAX_POINTS_PER_REQUEST as MAX_POINTS
 
 pytestmark = pytest.mark.e2e
 
@@ -284,26 +287,25 @@ def test_receiver_slow(
 
 
 @pytest.mark.parametrize(
-    ("protocol", "failure", "rejected_points", "reason"),
+    ("protocol", "failure", "reason"),
     [
-        ("grpc", Failure(grpc_code=grpc.StatusCode.INVALID_ARGUMENT, message="bad data"), 0, "rejected"),
-        ("grpc", Failure(grpc_code=grpc.StatusCode.UNAVAILABLE, message="overloaded"), 0, "unavailable"),
-        ("http/protobuf", Failure(http_status=400, message="bad data"), 0, "rejected"),
-        ("http/protobuf", Failure(http_status=503, message="overloaded"), 0, "unavailable"),
+        ("grpc", Failure(grpc_code=grpc.StatusCode.INVALID_ARGUMENT, message="bad data"), "rejected"),
+        ("grpc", Failure(grpc_code=grpc.StatusCode.UNAVAILABLE, message="overloaded"), "unavailable"),
+        ("http/protobuf", Failure(http_status=400, message="bad data"), "rejected"),
+        ("http/protobuf", Failure(http_status=503, message="overloaded"), "unavailable"),
     ],
     ids=["grpc-invalid-argument", "grpc-unavailable", "http-400", "http-503"],
 )
 def test_receiver_rejecting(
     protocol: str,
-    failure: Failure | None,
-    rejected_points: int,
+    failure: Failure,
     reason: str,
     feed: GeneratedFeed,
     feed_server: FeedServer,
     exporter_process: StartExporter,
 ) -> None:
     receiver: GrpcReceiver | HttpReceiver = GrpcReceiver() if protocol == "grpc" else HttpReceiver()
-    receiver.failure, receiver.rejected_points = failure, rejected_points
+    receiver.failure = failure
     try:
         feed_server.set_body(feed.kml)
         process = exporter_process(
@@ -314,11 +316,11 @@ def test_receiver_rejecting(
         assert process.wait_until_up().value("chargy_feed_up") == 1.0
         line = next(line for line in failure_lines(process) if f"failed ({reason})" in line)
         # The receiver's answer is in the log line: its gRPC details, or its HTTP status.
-        assert failure is not None
         assert (failure.message if failure.grpc_code else HTTPStatus(failure.http_status or 0).phrase) in line
         if reason == "rejected":
-            # Not retried: one attempt per export.
-            assert receiver.attempts <= len(failure_lines(process)) + 1
+            # Not retried: one attempt per request of an export (an export is split into requests).
+            requests_per_export = math.ceil((4 * len(feed.connectors) + len(feed.stations) + 100) / MAX_POINTS)
+            assert receiver.attempts <= (len(failure_lines(process)) + 1) * requests_per_export
         elif reason == "unavailable":
             # Retried within OTEL_METRIC_EXPORT_TIMEOUT before giving up.
             assert receiver.attempts >= 2

@@ -5,7 +5,6 @@ Outside CI these tests skip when promtool is missing; with CI set they fail, sin
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -21,16 +21,6 @@ RULES = PROMETHEUS_DIR / "rules" / "chargy.rules.yml"
 RULE_TESTS = PROMETHEUS_DIR / "rules" / "chargy.rules.test.yml"
 # level:metric:operations (https://prometheus.io/docs/practices/rules/); level may be empty for network-wide sums.
 RECORDING_NAME = re.compile(r"(?:[a-z_]+:)?[a-z_][a-z0-9_]*:[a-z_][a-z0-9_]*")
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed (Debian package `prometheus`: apt-get install prometheus)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message}; .ci/run must install it")
-    pytest.skip(message)
 
 
 def run(*command: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -38,19 +38,20 @@ def build_resource() -> Resource:
     return defaults.merge(OTELResourceDetector().detect())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    config = load_config(argv)
-    setup_logging(config)
-
-    endpoint = PrometheusEndpoint()
-    exporters = config.metrics_exporter.split(",")
-    # Without prometheus the HTTP server still answers /healthz; /metrics is then empty.
-    readers: list[ReaderFactory] = [endpoint.make_reader] if "prometheus" in exporters else []
+def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipeline:
+    """A MetricsPipeline with the readers OTEL_METRICS_EXPORTER / --metrics-exporter ask for."""
+    readers: list[ReaderFactory] = []
+    if "prometheus" in config.metrics_exporter.split(","):
+        readers.append(endpoint.make_reader)
     push = OtlpPush(config.otlp) if config.otlp is not None else None
     if push is not None:
         readers.append(push.make_reader)
-    instruments = [push.register_instruments] if push is not None else []
-    pipeline = MetricsPipeline(readers, build_resource(), on_published=[endpoint.render], instruments=instruments)
+    pipeline = MetricsPipeline(
+        readers,
+        build_resource(),
+        on_published=[endpoint.render],
+        instruments=[push.register_instruments] if push is not None else [],
+    )
     if push is not None:
         push.attach(pipeline.notify)
         log.info(
@@ -60,15 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             push.settings.export_interval,
         )
     if not readers:
+        # The HTTP server still answers /healthz (the container's HEALTHCHECK); /metrics is empty.
         log.warning("no metrics exporter enabled (OTEL_METRICS_EXPORTER=none): only /healthz is served")
-    client = FeedClient(config)
-    refresher = Refresher(config, client, pipeline.publish)
-    try:
-        server = endpoint.serve(config.host, config.port)
-    except OSError as error:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, error.strerror or error)
-        pipeline.shutdown()
-        return 1
+    return pipeline
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = load_config(argv)
+    setup_logging(config)
 
     stopping = threading.Event()
 
@@ -78,6 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+    endpoint = PrometheusEndpoint()
+    pipeline = build_pipeline(config, endpoint)
+    client = FeedClient(config)
+    refresher = Refresher(config, client, pipeline.publish)
+    try:
+        server = endpoint.serve(config.host, config.port)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, error.strerror or error)
+        pipeline.shutdown()
+        return 1
 
     log.info(
         "chargy-exporter %s serving http://%s:%d/metrics, feed %s every %g s",

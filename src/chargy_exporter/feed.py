@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import requests
@@ -55,7 +55,13 @@ class FeedError(Exception):
 class _CappedRetry(Retry):
     """urllib3's Retry, with the server's Retry-After honoured only up to `retry_after_cap` seconds."""
 
-    retry_after_cap: float = RETRY_AFTER_CAP  # a class attribute: Retry.new() copies only its own parameters
+    retry_after_cap: float = RETRY_AFTER_CAP
+
+    def new(self, **kwargs: Any) -> _CappedRetry:
+        # Retry makes a new instance after every attempt from its own parameters only: carry the cap over.
+        retry = super().new(**kwargs)
+        retry.retry_after_cap = self.retry_after_cap
+        return retry
 
     def get_retry_after(self, response: object) -> float | None:
         seconds = super().get_retry_after(response)  # type: ignore[arg-type]
@@ -85,8 +91,7 @@ class FeedClient:
         self._config = config
         self._session = requests.Session()
         self._session.headers.update({"Accept": ACCEPT, "User-Agent": USER_AGENT, "Accept-Encoding": "gzip"})
-        capped = type("_CappedRetry", (_CappedRetry,), {"retry_after_cap": min(RETRY_AFTER_CAP, config.fetch_timeout)})
-        retry = capped(
+        retry = _CappedRetry(
             total=retries,
             connect=retries,
             read=retries,
@@ -97,6 +102,7 @@ class FeedClient:
             respect_retry_after_header=True,
             raise_on_status=False,
         )
+        retry.retry_after_cap = min(RETRY_AFTER_CAP, config.fetch_timeout)
         adapter = HTTPAdapter(max_retries=retry)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
