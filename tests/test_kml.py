@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from feedgen import generate_feed
 
+from chargy_exporter.config import DEMO_FEED_PATH
 from chargy_exporter.kml import KmlError, parse_kml
 
-SAMPLE = (Path(__file__).parents[2] / "shared" / "feed-sample.kml").read_bytes()
+# The package bundles shared/feed-sample.kml for --demo: the same bytes, so no need for shared/ beside the clone.
+SAMPLE = DEMO_FEED_PATH.read_bytes()
 
 
 def rows(snapshot):  # (station, device, connector, speed, raw state, simplified)
