@@ -8,6 +8,7 @@ import threading
 import pytest
 from conftest import assert_matches_feed, parse_exposition
 from feedgen import evolve, generate_feed
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 
 from chargy_exporter.kml import parse_kml
@@ -167,4 +168,31 @@ def test_before_the_first_refresh_there_is_no_connector_data_and_feed_up_is_0():
     assert exposition.value("chargy_feed_up") == 0
     assert exposition.samples("chargy_connector_state") == []
     assert exposition.value("chargy_feed_last_success_timestamp_seconds") is None
+    pipeline.shutdown()
+
+
+def test_a_replaced_provider_reports_nothing_more():
+    # An OTLP reader of a replaced provider collects once more while shutting down: that last collection must not
+    # see a feed larger than the limits its provider was built with (it would export an overflow point).
+    readers: list[InMemoryMetricReader] = []
+
+    def reader(limits):
+        readers.append(InMemoryMetricReader(cardinality_limits=limits))
+        return readers[-1]
+
+    pipeline = MetricsPipeline([reader], Resource.create({}))
+    pipeline.publish(State(parse_kml(generate_feed(stations=5, seed=1).kml), FeedStatus(up=True)))
+    small_provider_reader = readers[-1]
+    pipeline.publish(State(parse_kml(generate_feed(connectors=3000, seed=2).kml), FeedStatus(up=True)))
+    assert readers[-1] is not small_provider_reader, "a feed this much larger must replace the provider"
+    data = small_provider_reader.get_metrics_data()
+    names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics} if data else set()
+    assert not names & {"chargy_connector_state", "chargy_connector_detailed_state_info", "chargy_station_info"}
+    current = readers[-1].get_metrics_data()
+    points = [
+        p for rm in current.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+        if m.name == "chargy_connector_state" for p in m.data.data_points
+    ]  # fmt: skip
+    assert len(points) == 3 * parse_kml(generate_feed(connectors=3000, seed=2).kml).connector_count
+    assert not any("otel.metric.overflow" in p.attributes for p in points)
     pipeline.shutdown()

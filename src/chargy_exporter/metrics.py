@@ -113,6 +113,18 @@ def observe_status(state: State) -> dict[str, list[Observation]]:
     }
 
 
+class _Generation:
+    """What the instruments of one MeterProvider report. A replaced provider's generation reports nothing more:
+    its readers may still collect once while shutting down (the OTLP reader's last export), and the current
+    observations could exceed the cardinality limits that provider was built with."""
+
+    def __init__(self, observations: _Observations) -> None:
+        self.observations = observations
+
+    def retire(self) -> None:
+        self.observations = _Observations(observe_snapshot(EMPTY_SNAPSHOT), {key: [] for key in self.observations.feed})
+
+
 class MetricsPipeline:
     """Owns the MeterProvider, its instruments and readers, and the observations they report."""
 
@@ -130,12 +142,12 @@ class MetricsPipeline:
         self._on_published = list(on_published)
         self._lock = threading.RLock()
         self._current_snapshot = EMPTY_SNAPSHOT
-        self._current = _Observations(observe_snapshot(EMPTY_SNAPSHOT), observe_status(State()))
         self._seen: set[tuple[str, ...]] = set()
         self._capacity = 0
         self._provider: MeterProvider | None = None
+        self._generation: _Generation | None = None
         self._rebuilds = -1
-        self._rebuild(live=0)
+        self._rebuild(_Observations(observe_snapshot(EMPTY_SNAPSHOT), observe_status(State())))
         self.notify()  # outputs show feed_up 0 and no connector data until the first refresh
 
     @property
@@ -150,18 +162,22 @@ class MetricsPipeline:
     def publish(self, state: State) -> None:
         """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up."""
         # A failed refresh or a 304 publishes the same snapshot again: only the feed's status changed.
+        # Only the refresh thread publishes: the generation read here is still current under the lock below.
+        generation = self._generation
+        assert generation is not None
         same = state.snapshot is self._current_snapshot
         observations = _Observations(
-            self._current.snapshot if same else observe_snapshot(state.snapshot), observe_status(state)
+            generation.observations.snapshot if same else observe_snapshot(state.snapshot), observe_status(state)
         )
         with self._lock:
             keys = observations.snapshot.keys
             seen = self._seen | keys
             if len(seen) > self._capacity:
-                self._rebuild(live=len(keys))
+                self._rebuild(observations)
                 seen = set(keys)
+            else:
+                generation.observations = observations
             self._seen = seen
-            self._current = observations
             self._current_snapshot = state.snapshot
             self.notify()
 
@@ -179,9 +195,10 @@ class MetricsPipeline:
 
     # ---- provider lifecycle ------------------------------------------------------------------------------------
 
-    def _rebuild(self, live: int) -> None:
-        old = self._provider
-        self._capacity = 2 * live + _SLACK
+    def _rebuild(self, observations: _Observations) -> None:
+        """A new provider, sized for `observations`, reports them from now on."""
+        old, old_generation = self._provider, self._generation
+        self._capacity = 2 * len(observations.snapshot.keys) + _SLACK
         # chargy_connector_state holds three points per attribute-set key: the limit stays above any collection.
         limit = 3 * self._capacity + _SLACK
         limits: CardinalityLimits = {ObservableGauge: limit, ObservableCounter: limit}
@@ -190,23 +207,25 @@ class MetricsPipeline:
             resource=self._resource,
             shutdown_on_exit=False,
         )
-        self._register_instruments(provider)
+        self._generation = _Generation(observations)
+        self._register_instruments(provider, self._generation)
         self._provider = provider
         self._rebuilds += 1
-        if old is not None:
+        if old is not None and old_generation is not None:
+            old_generation.retire()
             log.debug("replaced the meter provider to drop stale series (capacity now %d)", self._capacity)
             # In the background: an OTLP reader's last export must not hold up the refresh that asked for this.
             threading.Thread(
                 target=old.shutdown, kwargs={"timeout_millis": 5_000}, name="old-provider-shutdown", daemon=True
             ).start()
 
-    def _register_instruments(self, provider: MeterProvider) -> None:
+    def _register_instruments(self, provider: MeterProvider, generation: _Generation) -> None:
         meter = provider.get_meter("chargy_exporter", __version__)
 
         def current(
             select: Callable[[_Observations], list[Observation]],
         ) -> Callable[[CallbackOptions], list[Observation]]:
-            return lambda _options: select(self._current)
+            return lambda _options: select(generation.observations)
 
         def feed(key: str) -> Callable[[CallbackOptions], list[Observation]]:
             return current(lambda observations: observations.feed[key])
