@@ -90,8 +90,9 @@ class PrometheusEndpoint:
         if self._registry is None:
             return
         rendering = _Rendering(_Families(self._registry.collect()))
-        warm = self._asked_for or {(choose_encoder("")[1], False)}
-        self._asked_for = set()
+        asked, self._asked_for = self._asked_for, set()
+        # set() copies in one step; a scrape thread may still be adding to `asked` while we loop.
+        warm = set(asked) or {(choose_encoder("")[1], False)}
         for content_type, gzipped in warm:
             encoder = _encoder_for(content_type)
             if encoder is not None:

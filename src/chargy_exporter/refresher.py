@@ -60,7 +60,11 @@ class Refresher:
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            delay = self.refresh_once()
+            try:
+                delay = self.refresh_once()
+            except Exception:  # publishing failed (an output's hook): keep refreshing all the same
+                log.exception("publishing the refreshed data failed")
+                delay = self.retry_delay(1)
             self._stop.wait(max(0.0, delay - (time.monotonic() - started)))
 
     def refresh_once(self) -> float:
