@@ -252,6 +252,10 @@ def test_receiver_down(
             assert_every_point(receiver, feed)
         finally:
             receiver.close()
+        # The line is written once the export returns, a moment after its last request arrived.
+        deadline = time.monotonic() + 10
+        while "succeeded again" not in logs_of(process) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert "succeeded again" in logs_of(process)
     stop_quickly(process)
     logs = logs_of(process)
