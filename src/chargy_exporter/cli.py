@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -16,8 +17,10 @@ from .config import Config, RedactingFilter, load_config
 from .feed import FeedClient
 from .metrics import MetricsPipeline, ReaderFactory
 from .otlp import OtlpPush
+from .page import render_status_page
 from .prometheus import PrometheusEndpoint
 from .refresher import Refresher
+from .status import State
 
 log = logging.getLogger("chargy_exporter")
 
@@ -79,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
-    endpoint = PrometheusEndpoint()
+    refresher: Refresher | None = None
+
+    def status_page() -> bytes:
+        return render_status_page(refresher.state if refresher is not None else State(), time.time())
+
+    endpoint = PrometheusEndpoint(status_page)
     pipeline = build_pipeline(config, endpoint)
     client = FeedClient(config)
     refresher = Refresher(config, client, pipeline.publish)

@@ -29,10 +29,8 @@ from prometheus_client.metrics_core import Metric
 log = logging.getLogger(__name__)
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
-_INDEX: Final = (
-    b"<html><head><title>chargy-exporter</title></head><body><h1>chargy-exporter</h1>"
-    b'<p><a href="/metrics">Metrics</a> &middot; <a href="/healthz">Health</a></p></body></html>'
-)
+# The page a browser gets at `/` (HTML bytes, built from the published state; see page.py).
+StatusPage = Callable[[], bytes]
 
 
 class _Families:
@@ -71,7 +69,8 @@ class _Rendering:
 
 
 class PrometheusEndpoint:
-    def __init__(self) -> None:
+    def __init__(self, status_page: StatusPage | None = None) -> None:
+        self._status_page = status_page
         self._registry: CollectorRegistry | None = None
         self._rendering = _Rendering(_Families(()))
         # Formats asked for since the last render: the next render encodes them up front.
@@ -123,8 +122,10 @@ class PrometheusEndpoint:
                 path == "/"
                 and "html" in environ.get("HTTP_ACCEPT", "")
                 and "openmetrics" not in environ.get("HTTP_ACCEPT", "")
+                and self._status_page is not None
             ):
-                return _respond(start_response, method, "200 OK", [("Content-Type", "text/html")], _INDEX)
+                headers = [("Content-Type", "text/html; charset=utf-8"), ("Vary", "Accept")]
+                return _respond(start_response, method, "200 OK", headers, self._status_page())
             names = set(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", ())) or None
             content_type, gzipped, body = self.exposition(
                 environ.get("HTTP_ACCEPT", ""), environ.get("HTTP_ACCEPT_ENCODING", ""), names
