@@ -1,9 +1,10 @@
 # chargy-exporter container image.
 #
 #   docker build -t chargy-exporter .
-#   docker run --rm --read-only -p 9000:9000 -e KML_URL='<your feed URL>' chargy-exporter
+#   docker run --rm --read-only --cap-drop=ALL -p 9000:9000 -e KML_URL='<your feed URL>' chargy-exporter
 #
-# No feed URL is baked in: the Chargy URL carries an API key, pass it at run time.
+# No feed URL is baked in: the Chargy URL carries an API key, pass it at run time. Checked by hadolint
+# (tests/test_deploy.py) and built and run with podman in CI (tests/test_image.py, `pytest -m image`).
 
 # ---- build stage: turn the source tree into a wheel --------------------------
 FROM python:3.11-slim AS builder
@@ -26,6 +27,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OTEL_EXPORTER_PROMETHEUS_HOST=0.0.0.0 \
     OTEL_EXPORTER_PROMETHEUS_PORT=9000
 
+# Dependencies are not pinned here: the wheel carries pyproject.toml's version ranges (their floors are tested), and
+# pip takes the newest release in range, security fixes included, at each build.
 COPY --from=builder /dist/ /tmp/dist/
 RUN pip install /tmp/dist/*.whl \
     && rm -rf /tmp/dist
@@ -35,7 +38,8 @@ RUN pip install /tmp/dist/*.whl \
 USER 1001:0
 EXPOSE 9000
 
+# The check reads the exporter's own flags and environment (PID 1), so `docker run IMAGE --port 9100` stays healthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('OTEL_EXPORTER_PROMETHEUS_PORT', '9000'), timeout=4)"]
+    CMD ["python", "-m", "chargy_exporter.healthcheck"]
 
 ENTRYPOINT ["chargy-exporter"]

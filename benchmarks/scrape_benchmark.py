@@ -1,12 +1,15 @@
-"""Scrape latency of chargy-exporter against the original design, at 1,700 and 17,000 connectors, in one run.
+"""Scrape latency of chargy-exporter against the original design, at the live feed's size and ten times it.
 
-For each size it generates a feed (tests/feedgen.py), serves it on 127.0.0.1, starts
+For each size it generates a feed shaped like the live one (tests/feedgen.py: 523 stations and 1,801 connectors
+per unit of --scales), serves it on 127.0.0.1, starts
   - chargy-exporter (the real command),
   - the original design (benchmarks/original_design.py: prometheus_client collector, StateSet + Info families),
   - the OTel PrometheusMetricReader without our cached rendering (--uncached, for reference),
 waits until each has fetched the feed, then times sequential scrapes from one client and prints a markdown table.
 
-    python benchmarks/scrape_benchmark.py [--sizes 1700 17000] [--scrapes 40]
+    python benchmarks/scrape_benchmark.py [--scales 1 10] [--scrapes 40] [--skip-uncached]
+
+Needs only the package installed (`pip install .`): it runs the `chargy-exporter` of the Python that runs it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import FeedServer, exporter_command, free_port  # noqa: E402
-from feedgen import generate_feed  # noqa: E402
+from benchlib import ROOT, FeedServer, exporter_command, free_port  # puts tests/ on sys.path
+from feedgen import LIVE_STATIONS, generate_feed
 
 UNCACHED = """
 import sys, threading
@@ -77,18 +77,17 @@ def measure(url: str, scrapes: int, gzipped: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1700, 17000])
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 10], help="sizes, in live feeds")
     parser.add_argument("--scrapes", type=int, default=40)
     parser.add_argument("--skip-uncached", action="store_true")
     args = parser.parse_args()
 
     rows = []
-    for size in args.sizes:
-        feed = generate_feed(connectors=size, seed=1)
+    for scale in args.scales:
+        feed = generate_feed(stations=LIVE_STATIONS * scale, seed=1)
         series = 3 * len(feed.connectors)
-        server = FeedServer()
-        server.set_body(feed.kml)
-        scrapes = max(5, args.scrapes * 1700 // size)
+        server = FeedServer(feed.kml)
+        scrapes = max(5, args.scrapes // scale)
         processes = {}
         with tempfile.TemporaryDirectory() as scratch:
             log = open(Path(scratch) / "log", "wb")  # noqa: SIM115

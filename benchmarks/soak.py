@@ -6,8 +6,10 @@ ones go, so the set of series keeps churning while the feed's size stays about t
 every --refresh-interval seconds (1 s, its minimum) while scraper threads hit /metrics in a loop (plain text,
 gzip and OpenMetrics). The exporter's RSS is sampled from /proc every second.
 
-    python benchmarks/soak.py                       # 1,700 connectors, >= 500 refreshes, >= 10,000 scrapes
+    python benchmarks/soak.py                       # the live feed's size, >= 500 refreshes, >= 10,000 scrapes
     python benchmarks/soak.py --refreshes 50 --scrapes 1000 --connectors 300   # a quick run
+
+Needs only the package installed (`pip install .`); Linux (/proc) for the memory samples.
 
 Prints a markdown table; exits 1 if a scrape failed, a refresh failed, or memory grew past --max-growth-mb
 between the end of the warm-up and the end of the run.
@@ -19,7 +21,6 @@ import argparse
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,11 +31,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import memory_kb, serve_on_loopback  # noqa: E402
-from feedgen import GeneratedFeed, evolve, generate_feed  # noqa: E402
+from benchlib import exporter_command, free_port, memory_kb, serve_on_loopback  # puts tests/ on sys.path
+from feedgen import GeneratedFeed, evolve, generate_feed
 
 API_KEY = "soak-secret-key-0000"
 SCRAPE_HEADERS = (
@@ -59,8 +57,8 @@ def churned(feed: GeneratedFeed, step: int, target_stations: int, rng: random.Ra
 
 
 class ChurningFeedServer:
-    def __init__(self, connectors: int, seed: int) -> None:
-        self.feed = generate_feed(connectors=connectors, seed=seed)
+    def __init__(self, connectors: int | None, seed: int) -> None:
+        self.feed = generate_feed(connectors=connectors, seed=seed)  # None: the live feed's shape
         self.target = sum(1 for s in self.feed.stations if s.devices)
         self.rng = random.Random(seed)
         self.step = 0
@@ -116,12 +114,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def metric_value(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{}"):
@@ -164,7 +156,7 @@ def scraper(base: str, stop: threading.Event, scrapes: Scrapes, index: int, peri
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--connectors", type=int, default=1700)
+    parser.add_argument("--connectors", type=int, default=None, help="default: the live feed (1,801)")
     parser.add_argument("--refreshes", type=int, default=500)
     parser.add_argument("--scrapes", type=int, default=10_000)
     parser.add_argument("--refresh-interval", default="1")
@@ -178,8 +170,7 @@ def main() -> int:
 
     feed = ChurningFeedServer(args.connectors, args.seed)
     port = free_port()
-    exe = Path(sys.executable).parent / "chargy-exporter"
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "chargy_exporter"]
+    command = exporter_command()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHARGY_", "KML_URL"))}
     process = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port), "--kml-url", feed.url,
@@ -278,7 +269,8 @@ def main() -> int:
         return f"{kb / 1024:.1f} MB"
 
     rows = [
-        ("feed", f"{args.connectors} connectors asked, {len(feed.feed.connectors)} at the end, "
+        ("feed", f"{f'{args.connectors} connectors asked' if args.connectors else 'the live feed shape'}, "
+                 f"{len(feed.feed.connectors)} connectors at the end, "
                  f"{len(feed.connector_names)} distinct connector names over the run"),
         ("duration", f"{duration:.0f} s, refresh interval {args.refresh_interval} s"),
         ("refreshes", f"{refreshes} (errors counted by the exporter: {errors:g})"),

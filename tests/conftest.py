@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,15 +35,21 @@ def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPSer
     return httpd
 
 
-def require_binary(name: str) -> str:
+def unavailable(message: str, provider: str = ".ci/run") -> NoReturn:
+    """Something outside the repository the test needs is missing: skip with the reason; in CI (CI set), fail."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; {provider} must install it")
+    pytest.skip(message)
+
+
+def require_binary(
+    name: str, package: str = "Debian package `prometheus`: apt-get install prometheus", provider: str = ".ci/run"
+) -> str:
     """The path of an outside program the test needs: skipped with the reason when missing, failed in CI."""
     path = shutil.which(name)
     if path:
         return path
-    message = f"{name} is not installed (Debian package `prometheus`: apt-get install prometheus)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message}; .ci/run must install it")
-    pytest.skip(message)
+    unavailable(f"{name} is not installed ({package})", provider)
 
 
 def memory_kb(pid: int) -> dict[str, int]:
@@ -54,6 +60,24 @@ def memory_kb(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values
+
+
+POLL_INTERVAL = 0.05
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, details: Callable[[], str] = str) -> Any:
+    """Checks `check()` until it returns something true, and returns that; fails after `timeout` seconds.
+
+    The deadline bounds how long the condition may take on a slow machine: nothing here waits for the clock.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s\n{details()}")
+        time.sleep(POLL_INTERVAL)  # the pause between two checks of the condition
 
 
 def free_port() -> int:
@@ -205,7 +229,14 @@ def exporter_command() -> list[str]:
 
 
 class ExporterProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None, log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None,
+        log_path: Path,
+        port: int | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.log_path = log_path
         self._log = log_path.open("wb")
@@ -216,6 +247,7 @@ class ExporterProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
+            cwd=cwd,
         )
 
     @property
@@ -227,20 +259,30 @@ class ExporterProcess:
         assert status == 200, f"scrape answered {status}"
         return parse_exposition(body.decode("utf-8"))
 
+    def refresh_now(self) -> None:
+        """SIGHUP: the exporter refreshes at once (or right after the refresh under way)."""
+        self.process.send_signal(signal.SIGHUP)
+
     def wait_for(self, predicate: Callable[[Exposition], bool], timeout: float = 30) -> Exposition:
-        deadline = time.monotonic() + timeout
-        last: Exposition | None = None
-        while time.monotonic() < deadline:
+        def check() -> Exposition | None:
             if self.process.poll() is not None:
                 raise AssertionError(f"exporter exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                last = self.scrape()
-                if predicate(last):
-                    return last
+                exposition = self.scrape()
             except (OSError, AssertionError):
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"condition not met in {timeout} s; logs:\n{self.logs()}")
+                return None
+            return exposition if predicate(exposition) else None
+
+        return wait_until(check, timeout, "condition on /metrics", lambda: f"logs:\n{self.logs()}")
+
+    def wait_for_log(self, text: str, timeout: float = 30, count: int = 1) -> str:
+        """The logs once `text` appears in them `count` times."""
+        return wait_until(
+            lambda: self.logs() if self.logs().count(text) >= count else None,
+            timeout,
+            f"{count} log line(s) with {text!r}",
+            lambda: f"logs:\n{self.logs()}",
+        )
 
     def wait_until_up(self, timeout: float = 30) -> Exposition:
         return self.wait_for(lambda e: e.value("chargy_feed_up") == 1.0, timeout)
@@ -266,8 +308,10 @@ class ExporterProcess:
 def exporter_process(tmp_path: Path) -> Iterator[Callable[..., ExporterProcess]]:
     started: list[ExporterProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, port: int | None = None) -> ExporterProcess:
-        process = ExporterProcess(list(args), env, tmp_path / f"exporter-{len(started)}.log", port)
+    def start(
+        *args: str, env: dict[str, str] | None = None, port: int | None = None, cwd: Path | None = None
+    ) -> ExporterProcess:
+        process = ExporterProcess(list(args), env, tmp_path / f"exporter-{len(started)}.log", port, cwd)
         started.append(process)
         return process
 

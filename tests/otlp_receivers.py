@@ -2,7 +2,8 @@
 
 `GrpcReceiver` is a grpcio server with the MetricsService and grpcio's DEFAULT limits (4 MiB per message);
 `HttpReceiver` answers POST /v1/metrics with protobuf bodies, gzip-aware. Both keep what they receive and can
-be told to misbehave: `delay` seconds before answering, `fail_with` a status, or a partial success.
+be told to misbehave: `stall()` (hold every request until `release()` or `close()`), answer with a `failure`
+(retryable ones with a `retry_after` for the client's next try), or a partial success.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
-from conftest import serve_on_loopback
+from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -48,6 +49,8 @@ class Failure:
     grpc_code: grpc.StatusCode | None = None
     http_status: int | None = None
     message: str = "test failure"
+    # Seconds the client should wait before its next try (gRPC RetryInfo, HTTP Retry-After): 0 retries at once.
+    retry_after: float | None = None
 
 
 @dataclass
@@ -57,24 +60,42 @@ class ReceiverBase:
 
     received: list[Received] = field(default_factory=list)
     latest: dict[PointKey, float] = field(default_factory=dict)
+    # Aggregation temporality (AGGREGATION_TEMPORALITY_* number) of every sum and histogram metric, by name.
+    temporality: dict[str, int] = field(default_factory=dict)
     attempts: int = 0  # requests seen, whatever the answer
-    delay: float = 0.0
     failure: Failure | None = None
     rejected_points: int = 0  # > 0: answer with a partial success
     sink: Callable[[ExportMetricsServiceRequest], None] | None = None  # instead of keeping requests
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _flowing: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._flowing.set()
+
+    def stall(self) -> None:
+        """Hold every request from now on, unanswered, until `release()` or `close()`."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
 
     def _handle(self, request: ExportMetricsServiceRequest, headers: dict[str, str], size: int) -> Failure | None:
         with self.lock:
             self.attempts += 1
-            failure, delay = self.failure, self.delay
-        if delay:
-            time.sleep(delay)
+            failure = self.failure
+        self._flowing.wait()
         if failure is not None:
             return failure
         resource: dict[str, Any] = {}
         for resource_metrics in request.resource_metrics:
             resource = {kv.key: any_value(kv.value) for kv in resource_metrics.resource.attributes}
+        temporality = {
+            metric.name: getattr(metric, kind).aggregation_temporality
+            for resource_metrics in request.resource_metrics
+            for scope_metrics in resource_metrics.scope_metrics
+            for metric in scope_metrics.metrics
+            if (kind := metric.WhichOneof("data")) in ("sum", "histogram", "exponential_histogram")
+        }
         if self.sink is not None:
             self.sink(request)
             points = -1
@@ -86,6 +107,7 @@ class ReceiverBase:
             with self.lock:
                 self.latest.update(found)
         with self.lock:
+            self.temporality.update(temporality)
             self.received.append(Received(headers, size, points, resource))
         return None
 
@@ -117,12 +139,12 @@ class ReceiverBase:
         return requests[-1].resource if requests else {}
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+        """Until `predicate()` holds; `timeout` only bounds a test that would otherwise hang."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"receiver: {what} not met in {timeout} s ({len(self.requests())} requests)")
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"receiver: {what} not met in {timeout} s ({len(self.requests())} requests)")
+            time.sleep(0.02)
 
 
 def iter_points(request: ExportMetricsServiceRequest) -> Iterator[tuple[Any, str, Any]]:
@@ -157,6 +179,10 @@ class GrpcReceiver(ReceiverBase):
                 headers = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
                 failure = receiver._handle(request, headers, request.ByteSize())
                 if failure is not None:
+                    if failure.retry_after is not None:
+                        delay = RetryInfo()
+                        delay.retry_delay.FromNanoseconds(int(failure.retry_after * 1e9))
+                        context.set_trailing_metadata((("google.rpc.retryinfo-bin", delay.SerializeToString()),))
                     context.abort(failure.grpc_code or grpc.StatusCode.INTERNAL, failure.message)
                 return receiver._response()
 
@@ -171,6 +197,7 @@ class GrpcReceiver(ReceiverBase):
         return f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
+        self.release()
         self._server.stop(grace=None)
 
 
@@ -197,13 +224,16 @@ class HttpReceiver(ReceiverBase):
                 failure = receiver._handle(request, headers, len(body))
                 if failure is not None:
                     status = Status(code=3, message=failure.message).SerializeToString()
-                    self._answer(failure.http_status or 500, status, "application/x-protobuf")
+                    retry = {} if failure.retry_after is None else {"Retry-After": f"{failure.retry_after:g}"}
+                    self._answer(failure.http_status or 500, status, "application/x-protobuf", retry)
                     return
                 self._answer(200, receiver._response().SerializeToString(), "application/x-protobuf")
 
-            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            def _answer(self, status: int, body: bytes, content_type: str, more: dict[str, str] | None = None) -> None:
                 try:
                     self.send_response(status)
+                    for name, value in (more or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
@@ -214,7 +244,10 @@ class HttpReceiver(ReceiverBase):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._httpd = serve_on_loopback(Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        # A short poll: close() returns at once rather than after the default half second.
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         self.port = self._httpd.server_address[1]
 
     @property
@@ -226,5 +259,6 @@ class HttpReceiver(ReceiverBase):
         return f"{self.base_url}/v1/metrics"
 
     def close(self) -> None:
+        self.release()
         self._httpd.shutdown()
         self._httpd.server_close()

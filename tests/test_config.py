@@ -49,9 +49,13 @@ def test_environment_variables_are_read():
     assert config.secrets == ("abc",)
 
 
-def test_the_flag_wins_over_the_environment():
-    config = load_config(["--port", "9200", "--kml-url", "/tmp/feed.kml"], {"OTEL_EXPORTER_PROMETHEUS_PORT": "9100"})
-    assert (config.port, config.kml_url) == (9200, "/tmp/feed.kml")
+def test_the_flag_wins_over_the_environment(tmp_path):
+    feed = tmp_path / "feed.kml"
+    feed.write_bytes(DEMO_FEED_PATH.read_bytes())
+    config = load_config(
+        ["--port", "9200", "--kml-url", str(feed)], {"OTEL_EXPORTER_PROMETHEUS_PORT": "9100", "KML_URL": "/elsewhere"}
+    )
+    assert (config.port, config.kml_url) == (9200, str(feed))
 
 
 def test_demo_reads_the_bundled_sample():
@@ -80,6 +84,69 @@ def test_a_bad_value_exits_2_with_one_line_naming_the_option(argv, environ, name
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and named in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        (["--kml-url", "file:///nope.kml"], {}, "--kml-url"),
+        (["--kml-url", "/nope.kml"], {}, "--kml-url"),
+        (["--kml-url", "relative/nope.kml"], {}, "--kml-url"),
+        ([], {"KML_URL": "file:///nope.kml"}, "--kml-url (from KML_URL)"),
+    ],
+)
+def test_a_feed_file_missing_at_startup_is_a_config_error(argv, environ, named, capsys):
+    with pytest.raises(SystemExit) as exited:
+        load_config(argv, environ)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith(f"chargy-exporter: error: {named}: ") and "nope.kml" in error
+    assert "No such file" in error
+
+
+def test_a_directory_is_not_a_feed_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        load_config(["--kml-url", tmp_path.as_uri()], {})
+    assert exited.value.code == 2 and "--kml-url" in capsys.readouterr().err
+
+
+def test_an_existing_feed_file_is_accepted_as_a_path_or_a_file_url(tmp_path):
+    feed = tmp_path / "my feed.kml"
+    feed.write_bytes(DEMO_FEED_PATH.read_bytes())
+    assert load_config(["--kml-url", str(feed)], {}).kml_url == str(feed)
+    assert load_config([], {"KML_URL": feed.as_uri()}).kml_url == feed.as_uri()  # "my%20feed.kml"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        (["--demo", "--kml-url", "http://feed.example/kml"], {}, ("--demo", "--kml-url")),
+        (["--demo"], {"KML_URL": "http://feed.example/kml"}, ("--demo", "--kml-url (from KML_URL)")),
+        (["--kml-url", "http://feed.example/kml"], {"CHARGY_DEMO": "true"}, ("--demo (from CHARGY_DEMO)", "--kml-url")),
+    ],
+)
+def test_demo_and_a_feed_url_together_are_an_error_naming_both(argv, environ, named, capsys):
+    with pytest.raises(SystemExit) as exited:
+        load_config(argv, environ)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and all(name in error for name in named)
+
+
+def test_demo_switched_off_leaves_the_feed_url_alone():
+    config = load_config([], {"CHARGY_DEMO": "false", "KML_URL": "http://feed.example/kml"})
+    assert (config.demo, config.kml_url) == (False, "http://feed.example/kml")
+
+
+def test_a_missing_feed_file_really_exits_2_before_serving(tmp_path):
+    missing = tmp_path / "gone.kml"
+    result = subprocess.run(
+        [*exporter_command(), "--kml-url", missing.as_uri()], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"chargy-exporter: error: --kml-url: cannot read the feed file "
+                                                  f"{missing}: No such file or directory"]  # fmt: skip
 
 
 def test_redaction_covers_the_key_and_a_password():

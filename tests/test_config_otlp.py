@@ -137,6 +137,21 @@ def test_signal_specific_variables_win() -> None:
     assert settings.export_timeout == 5.0
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"), [("cumulative", "cumulative"), ("DELTA", "delta"), (" LowMemory ", "lowmemory")]
+)
+def test_temporality_preference(value: str, expected: str) -> None:
+    settings = otlp(OTEL_METRICS_EXPORTER="otlp", OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=value)
+    assert settings.temporality == expected
+    assert otlp(OTEL_METRICS_EXPORTER="otlp").temporality == "cumulative"
+
+
+def test_export_timeout_is_the_users() -> None:
+    """OTEL_METRIC_EXPORT_TIMEOUT is used as given, small or large (a very large feed needs a larger one)."""
+    assert otlp(OTEL_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_TIMEOUT="1500").export_timeout == 1.5
+    assert otlp(OTEL_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_TIMEOUT="600000").export_timeout == 600.0
+
+
 def test_headers_are_parsed_and_decoded() -> None:
     assert parse_headers("Authorization=Bearer%20abc%3D,x-scope-orgid = tenant-1,") == (
         ("authorization", "Bearer abc="),
@@ -180,6 +195,11 @@ def test_grpc_targets() -> None:
         ((), {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TIMEOUT": "-5"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
         ((), {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "soon"}, "OTEL_METRIC_EXPORT_INTERVAL"),
         ((), {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_TIMEOUT": "0"}, "OTEL_METRIC_EXPORT_TIMEOUT"),
+        (
+            (),
+            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "deltas"},
+            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+        ),
         (
             (),
             {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": "zstd"},

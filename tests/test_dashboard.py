@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ExporterProcess, FeedServer, free_port, require_binary
+from conftest import ExporterProcess, FeedServer, free_port, require_binary, wait_until
 from feedgen import ExpectedConnector, GeneratedFeed, generate_feed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,15 +258,13 @@ class Stack:
 
 
 def _wait(condition: Any, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def check() -> bool:
         try:
-            if condition():
-                return
+            return bool(condition())
         except (AssertionError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+            return False
+
+    wait_until(check, timeout, what)
 
 
 @pytest.fixture(scope="session")
@@ -276,7 +274,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     feed = build_feed()
     server = FeedServer()
     server.set_body(feed.kml)
-    exporter = ExporterProcess(["--kml-url", server.url, "--refresh-interval", "1"], None, workdir / "exporter.log")
+    exporter = ExporterProcess(["--kml-url", server.url, "--refresh-interval", "300"], None, workdir / "exporter.log")
     process: subprocess.Popen[bytes] | None = None
     log = (workdir / "prometheus.log").open("wb")
     try:
@@ -289,8 +287,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             handler.end_headers()
 
         server.set_responder(unavailable)
+        exporter.refresh_now()
         exporter.wait_for(lambda e: sum(s.value for s in e.samples("chargy_feed_refresh_errors_total")) > 0)
         server.set_body(feed.kml)
+        exporter.refresh_now()
         exporter.wait_until_up()
 
         port = free_port()

@@ -43,11 +43,12 @@ def test_thirty_scrapes_make_one_upstream_request(feed_server, exporter_process)
 def test_refreshes_follow_the_feed_and_keep_the_last_good_data_on_failure(feed_server, exporter_process):
     feed = generate_feed(stations=60, seed=23)
     feed_server.set_body(feed.kml)
-    exporter = exporter_process("--kml-url", feed_server.url, "--refresh-interval", "1")
+    exporter = exporter_process("--kml-url", feed_server.url, "--refresh-interval", "300")
     exporter.wait_until_up()
     for step in range(3):  # connectors change state, appear and disappear: no leftover, no missing series
         feed = evolve(feed, seed=step, state_changes=0.5, removed=0.1, added_stations=5)
         feed_server.set_body(feed.kml)
+        exporter.refresh_now()  # SIGHUP, rather than waiting for the interval
         exposition = exporter.wait_for(
             lambda e, f=feed: (
                 {s.labels["connector"] for s in e.samples("chargy_connector_detailed_state_info")}
@@ -63,6 +64,7 @@ def test_refreshes_follow_the_feed_and_keep_the_last_good_data_on_failure(feed_s
         handler.end_headers()
 
     feed_server.set_responder(broken)
+    exporter.refresh_now()
     exposition = exporter.wait_for(lambda e: e.value("chargy_feed_up") == 0)
     assert_matches_feed(exposition, feed)
     assert exposition.value("chargy_feed_refresh_errors_total", reason="http_5xx") >= 1

@@ -10,6 +10,9 @@ checks, while the fault lasts, that:
 - neither the API key nor the content of a local file reaches the logs or /metrics;
 
 and finally that the exporter recovers on the first good response.
+
+Refreshes are triggered with SIGHUP (the exporter refreshes at once) rather than by waiting for an interval, so
+every step waits for the condition it is about and the refresh interval itself (300 s) never elapses.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from conftest import (
     http_get,
     memory_kb,
     parse_exposition,
+    wait_until,
 )
 from feedgen import GeneratedFeed, evolve, generate_feed
 
 pytestmark = pytest.mark.e2e
 
-FAST = ("--refresh-interval", "1", "--fetch-timeout", "1", "--log-level", "debug")
+# Refreshes come from SIGHUP; the fetch timeout is short so that a hanging server fails a refresh quickly.
+FAST = ("--refresh-interval", "300", "--fetch-timeout", "1", "--log-level", "debug")
 SCRAPE_LIMIT_S = 2.0
 RSS_LIMIT_KB = 300 * 1024
 SERIES = ("chargy_connector_state", "chargy_connector_detailed_state_info", "chargy_station_info")
@@ -75,12 +80,14 @@ def expected_detailed(feed: GeneratedFeed) -> dict[str, str]:
 
 
 class Watch:
-    """Scrapes an exporter repeatedly, timing every scrape and sampling its memory."""
+    """Scrapes an exporter, checking every scrape: answered within 2 s, no secret, and while `expected` is set,
+    exactly those data series (the last good snapshot); samples the exporter's memory."""
 
     def __init__(self, exporter: ExporterProcess, forbidden: tuple[str, ...]) -> None:
         self.exporter = exporter
         self.forbidden = forbidden
-        self.slowest = 0.0
+        self.expected: frozenset[tuple[str, tuple[tuple[str, str], ...], float]] | None = None
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.scrapes = 0
         self.peak_rss_kb = 0
         self.logs = ""
@@ -91,7 +98,6 @@ class Watch:
         started = time.monotonic()
         status, _, body = http_get(self.exporter.base_url + "/metrics", timeout=SCRAPE_LIMIT_S)
         elapsed = time.monotonic() - started
-        self.slowest = max(self.slowest, elapsed)
         self.scrapes += 1
         assert status == 200
         assert elapsed < SCRAPE_LIMIT_S, f"a scrape took {elapsed:.2f} s"
@@ -99,17 +105,26 @@ class Watch:
         for secret in self.forbidden:
             assert secret not in text, "a secret reached /metrics"
         self.peak_rss_kb = max(self.peak_rss_kb, memory_kb(self.exporter.process.pid)["VmRSS"])
-        return parse_exposition(text)
+        exposition = parse_exposition(text)
+        if self.expected is not None:
+            assert series(exposition) == self.expected, "the last good snapshot changed during the fault"
+        self._check_counters(exposition)
+        return exposition
+
+    def _check_counters(self, exposition) -> None:  # type: ignore[no-untyped-def]
+        # Error counters never go down, whatever happens to the feed.
+        for name in ("chargy_feed_refresh_errors_total", "chargy_feed_skipped_records_total"):
+            for sample in exposition.samples(name):
+                key = (name, tuple(sorted(sample.labels.items())))
+                assert sample.value >= self.counters.get(key, 0.0), f"{key} went down"
+                self.counters[key] = sample.value
 
     def until(self, predicate: Callable[[object], bool], timeout: float, what: str):  # -> Exposition
-        deadline = time.monotonic() + timeout
-        while True:
+        def check():  # type: ignore[no-untyped-def]
             exposition = self.scrape()
-            if predicate(exposition):
-                return exposition
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not within {timeout} s; logs:\n{self.exporter.logs()[-4000:]}")
-            time.sleep(0.1)
+            return exposition if predicate(exposition) else None
+
+        return wait_until(check, timeout, what, lambda: f"logs:\n{self.exporter.logs()[-4000:]}")
 
 
 def errors(exposition: object, reason: str) -> float:
@@ -120,11 +135,13 @@ def errors(exposition: object, reason: str) -> float:
 
 
 class RawServer:
-    """Plain TCP: in "good" mode answers any request with `body`; in "hang" mode accepts, reads, never answers."""
+    """Plain TCP: in "good" mode answers any request with `body`; in "hang" mode accepts, reads, never answers;
+    in "good once" mode answers one request, then hangs."""
 
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.mode = "good"
+        self._lock = threading.Lock()
         self.good_answers = 0
         self._held: list[socket.socket] = []
         self._sock = socket.create_server(("127.0.0.1", 0))
@@ -153,7 +170,11 @@ class RawServer:
                     connection.close()
                     return
                 request += data
-            if self.mode == "hang":
+            with self._lock:
+                mode = self.mode
+                if mode == "good once":
+                    self.mode = "hang"
+            if mode == "hang":
                 self._held.append(connection)  # never answered, never closed until the test ends
                 return
             self.good_answers += 1
@@ -195,7 +216,7 @@ def slow_responder(body: bytes, delay: float = 3.0) -> Responder:
     """The whole answer comes after the timeout."""
 
     def respond(handler: BaseHTTPRequestHandler) -> None:
-        time.sleep(delay)
+        time.sleep(delay)  # the stimulus: a server slower than --fetch-timeout
         with contextlib.suppress(OSError):
             body_responder(body)(handler)
 
@@ -213,7 +234,7 @@ def trickle_responder(body: bytes) -> Responder:
             for index in range(len(body)):
                 handler.wfile.write(body[index : index + 1])
                 handler.wfile.flush()
-                time.sleep(0.2)
+                time.sleep(0.2)  # the stimulus: a byte every 0.2 s, each read within the socket timeout
         except OSError:
             handler.close_connection = True
 
@@ -338,8 +359,6 @@ def xxe_document(path: Path) -> bytes:
 class Fault:
     reason: str
     make: Callable[[GeneratedFeed, Path], Responder]
-    # Wait for this many counted errors before checking that the exporter recovers.
-    errors_before_recovery: int = 2
     memory_check: bool = False
     extra_args: tuple[str, ...] = ()
 
@@ -348,14 +367,14 @@ FAULTS = {
     "http_500": Fault("http_5xx", lambda feed, tmp: status_responder(500)),
     "http_503": Fault("http_5xx", lambda feed, tmp: status_responder(503, b"<html>Service Unavailable</html>")),
     "http_503_retry_after_an_hour": Fault(
-        "http_5xx", lambda feed, tmp: status_responder(503, headers={"Retry-After": "3600"}), 1
+        "http_5xx", lambda feed, tmp: status_responder(503, headers={"Retry-After": "3600"})
     ),
     "http_401": Fault("unauthorized", lambda feed, tmp: status_responder(401, b"Invalid API key")),
     "http_403": Fault("unauthorized", lambda feed, tmp: status_responder(403, b"Forbidden")),
-    "slower_than_timeout": Fault("timeout", lambda feed, tmp: slow_responder(feed.kml), 1),
-    "body_trickle": Fault("timeout", lambda feed, tmp: trickle_responder(feed.kml), 1),
+    "slower_than_timeout": Fault("timeout", lambda feed, tmp: slow_responder(feed.kml)),
+    "body_trickle": Fault("timeout", lambda feed, tmp: trickle_responder(feed.kml)),
     "connection_reset": Fault("connection", lambda feed, tmp: reset_responder()),
-    "reset_mid_body": Fault("broken_response", lambda feed, tmp: reset_responder(1000, feed.kml), 1),
+    "reset_mid_body": Fault("broken_response", lambda feed, tmp: reset_responder(1000, feed.kml)),
     "html_error_page_200": Fault("not_kml", lambda feed, tmp: body_responder(HTML_ERROR_PAGE, "text/html")),
     "truncated_xml": Fault("malformed_xml", lambda feed, tmp: body_responder(feed.kml[: len(feed.kml) * 2 // 3])),
     "entity_expansion_bomb": Fault(
@@ -365,18 +384,18 @@ FAULTS = {
         "forbidden_xml", lambda feed, tmp: body_responder(xxe_document(tmp / "local-secret.txt")), memory_check=True
     ),
     "huge_document_streamed": Fault(
-        "too_large", lambda feed, tmp: streaming_responder(200 * 1024 * 1024, False), 1, memory_check=True
+        "too_large", lambda feed, tmp: streaming_responder(200 * 1024 * 1024, False), memory_check=True
     ),
     "huge_document_declared": Fault(
         "too_large", lambda feed, tmp: streaming_responder(200 * 1024 * 1024, True), memory_check=True
     ),
-    "gzip_bomb": Fault("too_large", lambda feed, tmp: gzip_bomb_responder(), 1, memory_check=True),
+    "gzip_bomb": Fault("too_large", lambda feed, tmp: gzip_bomb_responder(), memory_check=True),
     "empty_document": Fault("empty_feed", lambda feed, tmp: body_responder(EMPTY_DOCUMENT)),
     "two_million_junk_elements": Fault(
-        "too_many_records", lambda feed, tmp: body_responder(under_the_byte_cap(b'<x a="1"/>')), 1, memory_check=True
+        "too_many_records", lambda feed, tmp: body_responder(under_the_byte_cap(b'<x a="1"/>')), memory_check=True
     ),
     "half_a_million_connectors": Fault(
-        "too_many_records", lambda feed, tmp: body_responder(minimal_connectors_document()), 1, memory_check=True
+        "too_many_records", lambda feed, tmp: body_responder(minimal_connectors_document()), memory_check=True
     ),
 }
 
@@ -392,35 +411,26 @@ def feeds() -> tuple[GeneratedFeed, GeneratedFeed]:
 
 def check_fault(
     exporter: ExporterProcess,
-    serve_good: Callable[[bytes], None],
-    good_answers: Callable[[], int],
     inject: Callable[[], None],
+    serve_good_once: Callable[[bytes], None],
     reason: str,
     feeds: tuple[GeneratedFeed, GeneratedFeed],
-    errors_before_recovery: int,
     forbidden: tuple[str, ...] = (TEST_API_KEY,),
-    fault_timeout: float = 20,
+    fault_timeout: float = 30,
 ) -> Watch:
     first, second = feeds
     watch = Watch(exporter, forbidden)
     exporter.wait_until_up()
-    before = watch.until(lambda e: e.value("chargy_feed_up") == 1.0, 30, "exporter up")
+    before = watch.scrape()
     assert detailed(before) == expected_detailed(first)
-    good_series = series(before)
     counted_before = errors(before, reason)
 
+    # From here until the feed is good again, every scrape must show exactly the last good series.
+    watch.expected = series(before)
     inject()
-    # The fault shows: up 0, the reason counted; all along, the last good data is served unchanged.
-    during = watch.until(
-        lambda e: e.value("chargy_feed_up") == 0.0 and errors(e, reason) >= counted_before + errors_before_recovery,
-        fault_timeout,
-        f"fault counted as {reason}",
-    )
-    for _ in range(5):
-        during = watch.scrape()
-        assert during.value("chargy_feed_up") == 0.0
-        assert series(during) == good_series, "the last good snapshot changed during the fault"
-        time.sleep(0.1)
+    exporter.refresh_now()
+    during = watch.until(lambda e: errors(e, reason) > counted_before, fault_timeout, f"fault counted as {reason}")
+    assert during.value("chargy_feed_up") == 0.0
     other_reasons = {
         s.labels["reason"]: s.value
         for s in during.samples("chargy_feed_refresh_errors_total")
@@ -429,17 +439,16 @@ def check_fault(
     assert not other_reasons, f"errors counted under other reasons: {other_reasons}"
     assert during.value("chargy_stations") == len(first.stations)
     assert during.value("chargy_connectors") == len(first.connectors)
+    last_success = during.value("chargy_feed_last_success_timestamp_seconds")
 
-    # Recovery: the first good answer is used.
-    counted_at_fault_end = errors(during, reason)
-    answers_before = good_answers()
-    serve_good(second.kml)
-    after = watch.until(lambda e: e.value("chargy_feed_up") == 1.0, 15, "recovery")
-    answers = good_answers() - answers_before
-    assert 1 <= answers <= 2, f"recovery took {answers} good answers"
-    # At most one refresh already under way when the feed was fixed can still fail.
-    assert errors(after, reason) <= counted_at_fault_end + 1
-    assert detailed(after) == expected_detailed(second)
+    # Recovery: the feed answers well exactly once, then fails again. The data of that one good answer is served
+    # from then on, so the exporter recovered on the first good answer, whatever refresh fetched it.
+    watch.expected = None
+    serve_good_once(second.kml)
+    exporter.refresh_now()
+    after = watch.until(lambda e: detailed(e) == expected_detailed(second), 30, "recovery on the first good answer")
+    assert after.value("chargy_feed_last_success_timestamp_seconds") > last_success
+    assert after.value("chargy_connectors") == len(second.connectors)
 
     memory = memory_kb(exporter.process.pid)
     assert memory["VmHWM"] < RSS_LIMIT_KB, f"peak RSS {memory['VmHWM']} kB"
@@ -448,6 +457,16 @@ def check_fault(
         assert secret not in watch.logs, "a secret reached the logs"
     assert exporter.stop() == 0
     return watch
+
+
+def once_then(first: Responder, then: Responder) -> Responder:
+    """`first` answers the first request, `then` every later one."""
+    answered = threading.Lock()
+
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        (first if answered.acquire(blocking=False) else then)(handler)
+
+    return respond
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
@@ -461,25 +480,16 @@ def test_fault(
     fault = FAULTS[name]
     local_file = tmp_path / "local-secret.txt"
     local_file.write_text(f"{LOCAL_FILE_MARKER}\n")
-    good = {"count": 0}
+    failing = fault.make(feeds[0], tmp_path)
 
-    def serve_good(body: bytes) -> None:
-        def respond(handler: BaseHTTPRequestHandler) -> None:
-            good["count"] += 1
-            body_responder(body)(handler)
-
-        feed_server.set_responder(respond)
-
-    serve_good(feeds[0].kml)
+    feed_server.set_responder(body_responder(feeds[0].kml))
     exporter = exporter_process("--kml-url", feed_server.url, *FAST, *fault.extra_args)
     watch = check_fault(
         exporter,
-        serve_good,
-        lambda: good["count"],
-        lambda: feed_server.set_responder(fault.make(feeds[0], tmp_path)),
+        lambda: feed_server.set_responder(failing),
+        lambda body: feed_server.set_responder(once_then(body_responder(body), failing)),
         fault.reason,
         feeds,
-        fault.errors_before_recovery,
         forbidden=(TEST_API_KEY, LOCAL_FILE_MARKER),
     )
     if name.startswith("http_40"):
@@ -494,20 +504,12 @@ def test_server_that_never_answers(
     server = RawServer(feeds[0].kml)
     try:
 
-        def serve_good(body: bytes) -> None:
+        def serve_good_once(body: bytes) -> None:
             server.body = body
-            server.mode = "good"
+            server.mode = "good once"
 
         exporter = exporter_process("--kml-url", server.url, *FAST)
-        check_fault(
-            exporter,
-            serve_good,
-            lambda: server.good_answers,
-            lambda: setattr(server, "mode", "hang"),
-            "timeout",
-            feeds,
-            1,
-        )
+        check_fault(exporter, lambda: setattr(server, "mode", "hang"), serve_good_once, "timeout", feeds)
     finally:
         server.close()
 
@@ -530,9 +532,10 @@ def test_malformed_json_in_one_device(
     start = document.index(marker)
     broken = document[:start] + b'"name":"' + victim.name.encode() + b'",,,{[' + document[start + len(marker) :]
     feed_server.set_body(broken)
+    exporter.refresh_now()
 
     expected = {c.connector: c.state for c in second.connectors if c.device != victim.name}
-    after = watch.until(lambda e: detailed(e) == expected, 15, "new feed served without the bad device")
+    after = watch.until(lambda e: detailed(e) == expected, 30, "new feed served without the bad device")
     assert after.value("chargy_feed_up") == 1.0
     assert after.value("chargy_feed_skipped_records_total", reason="malformed_device_json") >= 1
     assert all(errors(after, s.labels["reason"]) == 0 for s in after.samples("chargy_feed_refresh_errors_total"))
@@ -573,13 +576,16 @@ def test_not_modified_keeps_the_snapshot_and_counts_as_success(
     watch = Watch(exporter, (TEST_API_KEY,))
     up = watch.until(lambda e: e.value("chargy_feed_up") == 1.0, 30, "exporter up")
     assert "gzip" in seen[0].get("Accept-Encoding", "")
-    good_series = series(up)
-    first_success = up.value("chargy_feed_last_success_timestamp_seconds")
-    later = watch.until(
-        lambda e: (e.value("chargy_feed_last_success_timestamp_seconds") or 0) > first_success + 1.5, 10, "304s"
-    )
-    assert later.value("chargy_feed_up") == 1.0
-    assert series(later) == good_series
+    watch.expected = series(up)  # a 304 keeps every series as it is
+    for refreshes in (2, 3):
+        last_success = watch.scrape().value("chargy_feed_last_success_timestamp_seconds")
+        exporter.refresh_now()
+        later = watch.until(
+            lambda e, since=last_success: e.value("chargy_feed_last_success_timestamp_seconds") > since,
+            30,
+            f"refresh {refreshes} answered 304 and counted as a success",
+        )
+        assert later.value("chargy_feed_up") == 1.0
     assert len(seen) >= 3
     assert all(h.get("If-None-Match") == '"v1"' for h in seen[1:])
     assert all(h.get("If-Modified-Since") == "Tue, 24 Nov 2026 00:00:00 GMT" for h in seen[1:])
@@ -607,14 +613,11 @@ def test_shutdown_while_a_fetch_hangs(
 ) -> None:
     server = RawServer(small_feed.kml)
     try:
-        exporter = exporter_process("--kml-url", server.url, "--refresh-interval", "1", "--fetch-timeout", "60")
+        exporter = exporter_process("--kml-url", server.url, "--refresh-interval", "300", "--fetch-timeout", "60")
         exporter.wait_until_up()
         server.mode = "hang"
-        deadline = time.monotonic() + 10
-        while not server._held and time.monotonic() < deadline:  # a fetch is now waiting for an answer
-            time.sleep(0.05)
-        assert server._held, "the exporter did not fetch again"
-        time.sleep(0.5)
+        exporter.refresh_now()
+        wait_until(lambda: server._held, 30, "a fetch waiting for an answer")
         started = time.monotonic()
         exporter.process.send_signal(signal.SIGTERM)
         assert exporter.process.wait(5) == 0
@@ -645,44 +648,29 @@ def _open_files_for_writing(pid: int) -> list[str]:
     return found
 
 
-def test_writes_nothing_to_disk(feed_server: FeedServer, small_feed: GeneratedFeed, tmp_path: Path) -> None:
+def test_writes_nothing_to_disk(
+    feed_server: FeedServer,
+    exporter_process: Callable[..., ExporterProcess],
+    small_feed: GeneratedFeed,
+    tmp_path: Path,
+) -> None:
     """Run with cwd, HOME and TMPDIR on an empty read-only directory: nothing appears, nothing fails."""
     feed_server.set_body(small_feed.kml)
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    log_path = tmp_path / "exporter.log"
-    port_holder = socket.socket()
-    port_holder.bind(("127.0.0.1", 0))
-    port = port_holder.getsockname()[1]
-    port_holder.close()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHARGY_", "KML_URL"))}
-    env.update(HOME=str(readonly), TMPDIR=str(readonly), PYTHONDONTWRITEBYTECODE="1")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*exporter_command(), "--host", "127.0.0.1", "--port", str(port), "--kml-url", feed_server.url,
-             "--refresh-interval", "1"],
-            cwd=readonly, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 30
-            up = False
-            while time.monotonic() < deadline and not up:
-                try:
-                    status, _, body = http_get(f"http://127.0.0.1:{port}/metrics", timeout=2)
-                    up = status == 200 and parse_exposition(body.decode()).value("chargy_feed_up") == 1.0
-                except OSError:
-                    pass
-                time.sleep(0.2)
-            assert up, log_path.read_text()
-            time.sleep(2.5)  # a few refreshes
-            assert _open_files_for_writing(process.pid) == []
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(5) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-    readonly.chmod(stat.S_IRWXU)
+    env = {"HOME": str(readonly), "TMPDIR": str(readonly), "PYTHONDONTWRITEBYTECODE": "1"}
+    exporter = exporter_process("--kml-url", feed_server.url, "--refresh-interval", "300", env=env, cwd=readonly)
+    try:
+        exporter.wait_until_up()
+        for refreshes in (2, 3):  # refreshes after the first, through the whole path again
+            exporter.refresh_now()
+            wait_until(lambda n=refreshes: feed_server.requests >= n, 30, f"refresh {refreshes}")
+        exporter.wait_for(lambda e: e.value("chargy_feed_up") == 1.0)
+        assert _open_files_for_writing(exporter.process.pid) == []
+        assert exporter.stop() == 0
+    finally:
+        readonly.chmod(stat.S_IRWXU)
     assert list(readonly.iterdir()) == []
 
 
@@ -708,9 +696,11 @@ def test_unreachable_feed_logs_no_key_at_debug(exporter_process: Callable[..., E
     # A key that needs percent-encoding: the encoded form must be redacted too.
     url = f"http://127.0.0.1:{port}/kml?API-KEY=k%2Fey+{TEST_API_KEY}"
     exporter = exporter_process("--kml-url", url, *FAST)
-    exporter.wait_for(lambda e: e.value("chargy_feed_up") == 0.0)
+    exporter.wait_for(lambda e: errors(e, "connection") >= 1)
     watch = Watch(exporter, (TEST_API_KEY, "k%2Fey", "k/ey"))
-    watch.until(lambda e: errors(e, "connection") >= 2, 20, "connection errors counted")
+    watch.until(lambda e: errors(e, "connection") >= 1, 30, "a connection error counted")
+    exporter.refresh_now()
+    watch.until(lambda e: errors(e, "connection") >= 2, 30, "a second connection error counted")
     logs = exporter.logs()
     assert "cannot connect to the feed" in logs
     for secret in (TEST_API_KEY, "k%2Fey", "k/ey"):

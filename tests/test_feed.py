@@ -183,7 +183,7 @@ def test_a_trickling_body_is_cut_at_the_deadline(feed_server: FeedServer) -> Non
             for _ in range(100000):
                 handler.wfile.write(b"a")
                 handler.wfile.flush()
-                time.sleep(0.05)
+                time.sleep(0.05)  # the stimulus: a byte every 50 ms, each read within the socket timeout
         except OSError:
             pass
 
@@ -195,7 +195,7 @@ def test_a_trickling_body_is_cut_at_the_deadline(feed_server: FeedServer) -> Non
 
 
 def test_no_answer_is_a_timeout(feed_server: FeedServer) -> None:
-    feed_server.set_responder(lambda handler: time.sleep(3))
+    feed_server.set_responder(lambda handler: time.sleep(3))  # the stimulus: a server that does not answer
     started = time.monotonic()
     error = fetch_error(client_for(feed_server.url, fetch_timeout=0.3))
     assert error.reason == "timeout"

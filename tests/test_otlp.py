@@ -1,29 +1,43 @@
-"""OTLP push against real receivers (tests/otlp_receivers.py) on 127.0.0.1, through the real exporter process."""
+"""OTLP push against real receivers (tests/otlp_receivers.py) on 127.0.0.1: through the real exporter process
+for what a user configures and sees, in-process (an export on demand with `force_flush`) for each way an export
+can fail. Nothing here waits for the clock: tests wait for a request, a log line or a value to appear.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from http import HTTPStatus
 from typing import Any
 
 import grpc
 import pytest
 from conftest import ExporterProcess, FeedServer, free_port, http_get
 from feedgen import GeneratedFeed, generate_feed
+from opentelemetry.metrics import Observation
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from otlp_receivers import Failure, GrpcReceiver, HttpReceiver, ReceiverBase, attribute_key, iter_points, point_value
 
-from chargy_exporter.otlp import MAX_POINTS_PER_REQUEST as MAX_POINTS
+from chargy_exporter.otlp import NO_REASON, OtlpPush
+from chargy_exporter.otlp_settings import OtlpSettings
 
 pytestmark = pytest.mark.e2e
 
 GRPC_DEFAULT_LIMIT = 4 * 1024 * 1024
-SECRET_HEADER = "Bearer otlp-token-5f2c9a"
+SECRET = "otlp-token-5f2c9a"
+SECRET_HEADER = f"Bearer {SECRET}"
+CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 StartExporter = Callable[..., ExporterProcess]
 
 
@@ -32,6 +46,12 @@ def feed() -> GeneratedFeed:
     # 2,000 connectors: over the SDK's default cardinality limit (2,000 per metric), and more data points
     # (~9,000) than one request holds, so the export is batched.
     return generate_feed(connectors=2000, seed=11)
+
+
+@pytest.fixture(scope="module")
+def little_feed() -> GeneratedFeed:
+    """For what does not depend on the feed's size: one request per export."""
+    return generate_feed(connectors=40, seed=3)
 
 
 @pytest.fixture
@@ -67,7 +87,7 @@ def push_env(receiver: ReceiverBase, **more: str) -> dict[str, str]:
         "OTEL_EXPORTER_OTLP_PROTOCOL": protocol_of(receiver),
         "OTEL_EXPORTER_OTLP_ENDPOINT": base,
         "OTEL_EXPORTER_OTLP_HEADERS": f"authorization={SECRET_HEADER.replace(' ', '%20')}",
-        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+        "OTEL_METRIC_EXPORT_INTERVAL": "200",
         **more,
     }
 
@@ -96,28 +116,21 @@ def assert_every_point(receiver: ReceiverBase, feed: GeneratedFeed) -> None:
         assert not wrong, f"{name}: {len(wrong)} wrong values, e.g. {next(iter(wrong.items()))}"
 
 
-def wait_complete(receiver: ReceiverBase, feed: GeneratedFeed, timeout: float = 45) -> None:
+def pushed_all(receiver: ReceiverBase, feed: GeneratedFeed) -> bool:
     connectors = len(feed.connectors)
-    receiver.wait_for(
-        lambda: (
-            receiver.value("chargy_connectors") == connectors
-            and len(receiver.points("chargy_connector_state")) >= 3 * connectors
-            and len(receiver.points("chargy_connector_detailed_state_info")) >= connectors
-        ),
-        timeout,
-        "every connector pushed",
+    return (
+        receiver.value("chargy_connectors") == connectors
+        and len(receiver.points("chargy_connector_state")) >= 3 * connectors
+        and len(receiver.points("chargy_connector_detailed_state_info")) >= connectors
     )
 
 
-def otlp_errors(process: ExporterProcess) -> dict[str, float]:
-    return {
-        sample.labels["reason"]: sample.value for sample in process.scrape().samples("chargy_otlp_export_errors_total")
-    }
+def wait_complete(receiver: ReceiverBase, feed: GeneratedFeed, timeout: float = 45) -> None:
+    receiver.wait_for(lambda: pushed_all(receiver, feed), timeout, "every connector pushed")
 
 
-def wait_for_error(process: ExporterProcess, reason: str, timeout: float = 30) -> dict[str, float]:
-    process.wait_for(lambda e: (e.value("chargy_otlp_export_errors_total", reason=reason) or 0) >= 1, timeout)
-    return otlp_errors(process)
+def otlp_errors(process: ExporterProcess) -> float | None:
+    return process.scrape().value("chargy_otlp_export_errors_total")
 
 
 def logs_of(process: ExporterProcess) -> str:
@@ -125,8 +138,8 @@ def logs_of(process: ExporterProcess) -> str:
     return process.log_path.read_text(errors="replace")
 
 
-def failure_lines(process: ExporterProcess) -> list[str]:
-    return [line for line in logs_of(process).splitlines() if "OTLP export to" in line and " failed (" in line]
+def failure_lines(logs: str) -> list[str]:
+    return [line for line in logs.splitlines() if re.search(r"OTLP export to \S+ failed: ", line)]
 
 
 def seconds_between(logs: str, first: str, then: str) -> float:
@@ -148,7 +161,7 @@ def stop_quickly(process: ExporterProcess, limit: float = 5.0) -> None:
     assert took < limit, f"shutdown took {took:.1f} s:\n{logs_of(process)}"
 
 
-# ---- every data point, both protocols -------------------------------------------------------------------------
+# ---- through the process: every data point, both protocols ------------------------------------------------------
 
 
 def test_every_data_point_and_the_resource_arrive(
@@ -159,8 +172,17 @@ def test_every_data_point_and_the_resource_arrive(
     env = push_env(
         receiver,
         OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test,team=ev%20charging",
-        # HTTP: gzip and a service name of our own; gRPC: the default service name.
-        **({} if grpc_push else {"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip", "OTEL_SERVICE_NAME": "chargy-lu"}),
+        OTEL_METRIC_EXPORT_INTERVAL="500",  # each export of this feed takes a while: not back to back
+        # HTTP: gzip, a service name of our own and delta temporality; gRPC: the defaults.
+        **(
+            {}
+            if grpc_push
+            else {
+                "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+                "OTEL_SERVICE_NAME": "chargy-lu",
+                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta",
+            }
+        ),
     )
     process = exporter_process("--kml-url", feed_server.url, env=env)
     wait_complete(receiver, feed)
@@ -174,6 +196,9 @@ def test_every_data_point_and_the_resource_arrive(
     assert resource["deployment.environment"] == "test"
     assert resource["team"] == "ev charging"
     assert resource["service.version"]
+    # The counters follow OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE (cumulative by default).
+    assert receiver.temporality["chargy_feed_refresh_errors"] == (CUMULATIVE if grpc_push else DELTA)
+    assert receiver.temporality["chargy_otlp_export_errors"] == (CUMULATIVE if grpc_push else DELTA)
 
     requests = receiver.requests()
     assert all(r.headers.get("authorization") == SECRET_HEADER for r in requests)
@@ -183,22 +208,22 @@ def test_every_data_point_and_the_resource_arrive(
     if not grpc_push:
         assert all(r.headers.get("content-encoding") == "gzip" for r in requests)
 
-    # The Prometheus endpoint runs alongside, with the error counter at 0 for every reason.
+    # The Prometheus endpoint runs alongside, with the error counter at 0 (and always cumulative there).
     exposition = process.wait_until_up()
     assert len(exposition.samples("chargy_connector_state")) == 3 * len(feed.connectors)
-    assert otlp_errors(process) == {r: 0.0 for r in ("internal", "rejected", "timeout", "unavailable")}
+    assert otlp_errors(process) == 0.0
     stop_quickly(process)
     logs = logs_of(process)
-    assert "otlp-token-5f2c9a" not in logs
+    assert SECRET not in logs
     assert "OTLP export to" in logs and " succeeded" in logs
-    assert not failure_lines(process)
+    assert not failure_lines(logs)
 
 
 def test_otlp_alone_via_the_endpoint_flag(
-    http_receiver: HttpReceiver, feed: GeneratedFeed, feed_server: FeedServer, exporter_process: StartExporter
+    http_receiver: HttpReceiver, little_feed: GeneratedFeed, feed_server: FeedServer, exporter_process: StartExporter
 ) -> None:
     """`--otlp-endpoint` with OTEL_METRICS_EXPORTER=otlp: no Prometheus reader, /healthz still served."""
-    feed_server.set_body(feed.kml)
+    feed_server.set_body(little_feed.kml)
     process = exporter_process(
         "--kml-url",
         feed_server.url,
@@ -206,10 +231,10 @@ def test_otlp_alone_via_the_endpoint_flag(
         http_receiver.base_url,  # a bare address: /v1/metrics is added
         "--otlp-protocol",
         "http/protobuf",
-        env={"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "1000"},
+        env={"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "200"},
     )
-    wait_complete(http_receiver, feed)
-    assert_every_point(http_receiver, feed)
+    wait_complete(http_receiver, little_feed)
+    assert_every_point(http_receiver, little_feed)
     status, _, body = http_get(process.base_url + "/healthz")
     assert (status, body) == (200, b"ok\n")
     status, _, body = http_get(process.base_url + "/metrics")
@@ -217,146 +242,325 @@ def test_otlp_alone_via_the_endpoint_flag(
     stop_quickly(process)
 
 
-# ---- a receiver that is down, slow or rejecting ---------------------------------------------------------------------
+# ---- through the process: a receiver that is down, then comes up; SIGTERM during an export ----------------------
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_receiver_down(
-    protocol: str, feed: GeneratedFeed, feed_server: FeedServer, exporter_process: StartExporter
+def test_receiver_down_then_up(
+    little_feed: GeneratedFeed, feed_server: FeedServer, exporter_process: StartExporter
 ) -> None:
-    feed_server.set_body(feed.kml)
-    port = free_port()  # nobody listens
+    feed_server.set_body(little_feed.kml)
+    port = free_port()  # nobody listens yet
     endpoint = f"http://127.0.0.1:{port}"
     env = {
         "OTEL_METRICS_EXPORTER": "prometheus,otlp",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
         "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
         "OTEL_EXPORTER_OTLP_HEADERS": f"authorization={SECRET_HEADER.replace(' ', '%20')}",
-        "OTEL_METRIC_EXPORT_INTERVAL": "500",
-        "OTEL_METRIC_EXPORT_TIMEOUT": "1500",
+        "OTEL_METRIC_EXPORT_INTERVAL": "200",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
     }
     process = exporter_process("--kml-url", feed_server.url, env=env)
-    errors = wait_for_error(process, "unavailable")
-    assert errors["timeout"] == errors["rejected"] == errors["internal"] == 0
-    # The Prometheus side is unaffected: data served, the feed refreshed.
-    exposition = process.wait_until_up()
-    assert len(exposition.samples("chargy_connector_state")) == 3 * len(feed.connectors)
-    lines = failure_lines(process)
-    assert lines, logs_of(process)
-    assert all(re.search(r"failed \(unavailable\): .+", line) for line in lines), lines
-    if protocol == "grpc":
-        # The receiver comes up: pushes resume (the channel reconnects quickly).
-        receiver = GrpcReceiver(port)
-        try:
-            wait_complete(receiver, feed)
-            assert_every_point(receiver, feed)
-        finally:
-            receiver.close()
-        # The line is written once the export returns, a moment after its last request arrived.
-        deadline = time.monotonic() + 10
-        while "succeeded again" not in logs_of(process) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "succeeded again" in logs_of(process)
-    stop_quickly(process)
+    # Each failed export counts, and /metrics shows the count (the Prometheus side is unaffected otherwise).
+    exposition = process.wait_for(lambda e: (e.value("chargy_otlp_export_errors_total") or 0) >= 2)
+    assert exposition.value("chargy_feed_up") == 1.0
+    assert len(exposition.samples("chargy_connector_state")) == 3 * len(little_feed.connectors)
+    shown = exposition.value("chargy_otlp_export_errors_total") or 0
+    lines = failure_lines(process.logs())
+    assert len(lines) >= shown  # each failure is logged before it is shown
+    assert all(line.endswith(f"OTLP export to {endpoint} failed: {NO_REASON}") for line in lines), lines
+
+    receiver = GrpcReceiver(port)  # the receiver comes up: pushes resume (the channel reconnects)
+    try:
+        process.wait_for_log(f"OTLP export to {endpoint} succeeded again")
+        assert pushed_all(receiver, little_feed)  # that export had arrived whole
+        assert_every_point(receiver, little_feed)
+        stop_quickly(process)
+    finally:
+        receiver.close()
     logs = logs_of(process)
-    assert "otlp-token-5f2c9a" not in logs
-    # Once per failure: no retry chatter, every WARNING/ERROR line is one failure line.
-    noisy = [
-        line for line in logs.splitlines() if re.search(r" (WARNING|ERROR) ", line) and "OTLP export to" not in line
-    ]
+    assert SECRET not in logs
+    # One line per failed export: the SDK exporter's own messages (each retry, the gRPC status) are not shown
+    # at INFO, so every WARNING or ERROR line is one of ours.
+    noisy = [line for line in logs.splitlines() if re.search(r" (WARNING|ERROR) ", line) and line not in lines]
     assert not noisy, noisy
-    assert len(failure_lines(process)) >= errors["unavailable"]
-
-
-@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_receiver_slow(
-    protocol: str, feed: GeneratedFeed, feed_server: FeedServer, exporter_process: StartExporter
-) -> None:
-    receiver: GrpcReceiver | HttpReceiver = GrpcReceiver() if protocol == "grpc" else HttpReceiver()
-    receiver.delay = 3.0
-    try:
-        feed_server.set_body(feed.kml)
-        process = exporter_process(
-            "--kml-url",
-            feed_server.url,
-            env=push_env(receiver, OTEL_EXPORTER_OTLP_TIMEOUT="300", OTEL_METRIC_EXPORT_TIMEOUT="1000"),
-        )
-        errors = wait_for_error(process, "timeout")
-        assert errors["unavailable"] == errors["rejected"] == 0
-        assert process.wait_until_up().value("chargy_feed_up") == 1.0
-        assert any("failed (timeout)" in line for line in failure_lines(process))
-        stop_quickly(process)
-    finally:
-        receiver.close()
-
-
-@pytest.mark.parametrize(
-    ("protocol", "failure", "reason"),
-    [
-        ("grpc", Failure(grpc_code=grpc.StatusCode.INVALID_ARGUMENT, message="bad data"), "rejected"),
-        ("grpc", Failure(grpc_code=grpc.StatusCode.UNAVAILABLE, message="overloaded"), "unavailable"),
-        ("http/protobuf", Failure(http_status=400, message="bad data"), "rejected"),
-        ("http/protobuf", Failure(http_status=503, message="overloaded"), "unavailable"),
-    ],
-    ids=["grpc-invalid-argument", "grpc-unavailable", "http-400", "http-503"],
-)
-def test_receiver_rejecting(
-    protocol: str,
-    failure: Failure,
-    reason: str,
-    feed: GeneratedFeed,
-    feed_server: FeedServer,
-    exporter_process: StartExporter,
-) -> None:
-    receiver: GrpcReceiver | HttpReceiver = GrpcReceiver() if protocol == "grpc" else HttpReceiver()
-    receiver.failure = failure
-    try:
-        feed_server.set_body(feed.kml)
-        process = exporter_process(
-            "--kml-url", feed_server.url, env=push_env(receiver, OTEL_METRIC_EXPORT_TIMEOUT="1500")
-        )
-        errors = wait_for_error(process, reason)
-        assert sum(errors.values()) == errors[reason]
-        assert process.wait_until_up().value("chargy_feed_up") == 1.0
-        line = next(line for line in failure_lines(process) if f"failed ({reason})" in line)
-        # The receiver's answer is in the log line: its gRPC details, or its HTTP status.
-        assert (failure.message if failure.grpc_code else HTTPStatus(failure.http_status or 0).phrase) in line
-        if reason == "rejected":
-            # Not retried: one attempt per request of an export (an export is split into requests).
-            requests_per_export = math.ceil((4 * len(feed.connectors) + len(feed.stations) + 100) / MAX_POINTS)
-            assert receiver.attempts <= (len(failure_lines(process)) + 1) * requests_per_export
-        elif reason == "unavailable":
-            # Retried within OTEL_METRIC_EXPORT_TIMEOUT before giving up.
-            assert receiver.attempts >= 2
-        stop_quickly(process)
-        assert "otlp-token-5f2c9a" not in logs_of(process)
-    finally:
-        receiver.close()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_sigterm_with_an_export_in_flight(
-    protocol: str, feed: GeneratedFeed, feed_server: FeedServer, exporter_process: StartExporter
+    protocol: str, little_feed: GeneratedFeed, feed_server: FeedServer, exporter_process: StartExporter
 ) -> None:
     receiver: GrpcReceiver | HttpReceiver = GrpcReceiver() if protocol == "grpc" else HttpReceiver()
-    receiver.delay = 30.0  # answers long after the exporter must have stopped
+    receiver.stall()  # answers only when the test is over, long after the exporter must have stopped
     try:
-        feed_server.set_body(feed.kml)
+        feed_server.set_body(little_feed.kml)
         process = exporter_process(
             "--kml-url",
             feed_server.url,
-            env=push_env(
-                receiver,
-                OTEL_METRIC_EXPORT_INTERVAL="300",
-                OTEL_EXPORTER_OTLP_TIMEOUT="60000",
-                OTEL_METRIC_EXPORT_TIMEOUT="120000",
-            ),
+            env=push_env(receiver, OTEL_EXPORTER_OTLP_TIMEOUT="60000", OTEL_METRIC_EXPORT_TIMEOUT="120000"),
         )
-        process.wait_until_up()
         receiver.wait_for(lambda: receiver.attempts >= 1, 20, "an export in flight")
         stop_quickly(process, limit=5.0)
     finally:
         receiver.close()
+
+
+def test_grpc_is_imported_only_for_the_grpc_protocol() -> None:
+    """The whole program, and OTLP over HTTP, run without loading grpc (its import alone costs ~100 ms and
+    several MB)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import chargy_exporter.cli
+        from chargy_exporter.otlp import OtlpPush
+        from chargy_exporter.otlp_settings import OtlpSettings
+
+        http = OtlpSettings(protocol="http/protobuf", endpoint="http://127.0.0.1:9/v1/metrics", export_interval=1e9)
+        OtlpPush(http).make_reader({}).shutdown()
+        print(sorted(name for name in sys.modules if name.split(".")[0] == "grpc"))
+        OtlpPush(OtlpSettings(endpoint="http://127.0.0.1:9", export_interval=1e9)).make_reader({}).shutdown()
+        print("grpc" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"], done.stdout
+
+
+# ---- in-process: each way an export fails, counted and logged once ---------------------------------------------------
+
+
+@contextmanager
+def pushing(protocol: str, endpoint: str, timeout: float = 2.0) -> Iterator[OtlpPush]:
+    """An OtlpPush on a MeterProvider of its own, exporting only when the test calls `force_flush()`."""
+    settings = OtlpSettings(
+        protocol=protocol,
+        endpoint=endpoint,
+        headers=(("authorization", SECRET_HEADER),),
+        timeout=timeout,
+        export_interval=math.inf,
+    )
+    push = OtlpPush(settings)
+    provider = MeterProvider(metric_readers=[push.make_reader({})], shutdown_on_exit=False)
+    meter = provider.get_meter("test")
+    push.register_instruments(meter)
+    meter.create_observable_gauge("chargy_connectors", [lambda _options: [Observation(3)]])
+    try:
+        yield push
+    finally:
+        provider.shutdown(timeout_millis=2_000)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "trouble", "said", "retried"),
+    [
+        ("grpc", "down", NO_REASON, None),
+        ("http/protobuf", "down", "connection failed (ConnectionError)", None),
+        ("grpc", "stalled", NO_REASON, None),
+        ("http/protobuf", "stalled", "no answer in time (ReadTimeout)", None),
+        ("grpc", Failure(grpc_code=grpc.StatusCode.INVALID_ARGUMENT, message="bad data"), NO_REASON, False),
+        ("grpc", Failure(grpc_code=grpc.StatusCode.UNAVAILABLE, retry_after=0), NO_REASON, True),
+        ("http/protobuf", Failure(http_status=400, message="bad data"), "HTTP 400 Bad Request", False),
+        ("http/protobuf", Failure(http_status=503, retry_after=0), "HTTP 503 Service Unavailable", True),
+    ],
+    ids=[
+        "grpc-down",
+        "http-down",
+        "grpc-no-answer",
+        "http-no-answer",
+        "grpc-invalid-argument",
+        "grpc-unavailable",
+        "http-400",
+        "http-503",
+    ],
+)
+def test_a_failed_export_is_counted_and_logged_once(
+    protocol: str, trouble: str | Failure, said: str, retried: bool | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver: GrpcReceiver | HttpReceiver = GrpcReceiver() if protocol == "grpc" else HttpReceiver()
+    if trouble == "down":
+        receiver.close()
+    elif trouble == "stalled":
+        receiver.stall()
+    else:
+        assert isinstance(trouble, Failure)
+        receiver.failure = trouble
+    caplog.set_level(logging.INFO)
+    try:
+        # A short request timeout where it is what ends the export, so that the test does not wait for retries.
+        with pushing(protocol, receiver.endpoint, timeout=0.3 if trouble in ("down", "stalled") else 5.0) as push:
+            push.force_flush()
+            assert push.errors == 1
+            attempts = receiver.attempts
+            push.force_flush()
+            assert push.errors == 2
+    finally:
+        receiver.close()
+    warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [record.getMessage() for record in warnings] == [f"OTLP export to {receiver.endpoint} failed: {said}"] * 2
+    assert SECRET not in caplog.text
+    if retried is not None:
+        # Refused data is not sent again; a receiver that asks for a retry gets one, within the export.
+        assert (attempts >= 2) if retried else (attempts == 1), attempts
+
+
+def test_the_sdk_exporters_own_messages_are_debug_lines(
+    grpc_receiver: GrpcReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--log-level debug shows why a gRPC export failed: the SDK exporter's messages, as DEBUG lines."""
+    caplog.set_level(logging.DEBUG)
+    grpc_receiver.failure = Failure(grpc_code=grpc.StatusCode.PERMISSION_DENIED, message="not for you")
+    with pushing("grpc", grpc_receiver.endpoint) as push:
+        push.force_flush()
+        assert push.errors == 1
+    sdk = [record for record in caplog.records if record.name.startswith("opentelemetry.exporter.otlp")]
+    assert any("PERMISSION_DENIED" in record.getMessage() for record in sdk), caplog.text
+    assert {record.levelname for record in sdk} == {"DEBUG"}
+    assert [record.name for record in caplog.records if record.levelno >= logging.WARNING] == ["chargy_exporter.otlp"]
+
+
+def test_recovery_is_logged_once(http_receiver: HttpReceiver, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with pushing("http/protobuf", http_receiver.endpoint) as push:
+        push.force_flush()
+        http_receiver.failure = Failure(http_status=400)
+        push.force_flush()
+        push.force_flush()
+        http_receiver.failure = None
+        push.force_flush()
+        push.force_flush()
+        assert push.errors == 2
+    shown = http_receiver.endpoint
+    assert [record.getMessage() for record in caplog.records if record.name == "chargy_exporter.otlp"] == [
+        f"OTLP export to {shown} succeeded",
+        f"OTLP export to {shown} failed: HTTP 400 Bad Request",
+        f"OTLP export to {shown} failed: HTTP 400 Bad Request",
+        f"OTLP export to {shown} succeeded again",
+    ]
+
+
+def test_an_exporter_that_raises_is_a_failed_export() -> None:
+    """What the SDK exporter raises (rather than returns) is reported as a failure, on one line."""
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+
+    from chargy_exporter.otlp import _Watched
+
+    class Broken(MetricExporter):
+        def export(
+            self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+        ) -> MetricExportResult:
+            raise RuntimeError("cannot encode\nthis")
+
+        def force_flush(self, timeout_millis: float = 10_000) -> bool:
+            return True
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+            pass
+
+    class WatchedBroken(_Watched, Broken):
+        pass
+
+    reports: list[tuple[bool, str]] = []
+    exporter = WatchedBroken(lambda ok, detail: reports.append((ok, detail)), None)
+    assert exporter.export(MetricsData(resource_metrics=[])) is MetricExportResult.FAILURE
+    assert reports == [(False, "RuntimeError: cannot encode this")]
+
+
+@pytest.mark.parametrize(("preference", "expected"), [(None, CUMULATIVE), ("delta", DELTA), ("LowMemory", CUMULATIVE)])
+def test_temporality_preference(
+    preference: str | None, expected: int, http_receiver: HttpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, read by the SDK exporter: our counters are asynchronous,
+    so delta makes them deltas, and lowmemory (deltas for synchronous counters only) leaves them cumulative."""
+    if preference is not None:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", preference)
+    http_receiver.failure = Failure(http_status=400)
+    with pushing("http/protobuf", http_receiver.endpoint) as push:
+        push.force_flush()  # fails: one error
+        http_receiver.failure = None
+        push.force_flush()
+        assert http_receiver.temporality["chargy_otlp_export_errors"] == expected
+        first = http_receiver.value("chargy_otlp_export_errors")
+        push.force_flush()
+        second = http_receiver.value("chargy_otlp_export_errors")
+    # Cumulative: the count so far each time; delta: what changed since the previous export.
+    assert (first, second) == ((1.0, 1.0) if expected == CUMULATIVE else (1.0, 0.0))
+
+
+# ---- in-process: the pipeline replaces its provider ------------------------------------------------------------------
+
+
+def test_provider_rebuild_recreates_the_reader_and_keeps_the_error_count(grpc_receiver: GrpcReceiver) -> None:
+    from chargy_exporter.kml import parse_kml
+    from chargy_exporter.metrics import MetricsPipeline
+    from chargy_exporter.prometheus import PrometheusEndpoint
+    from chargy_exporter.status import FeedStatus, State
+
+    settings = OtlpSettings(endpoint=grpc_receiver.endpoint, export_interval=math.inf, export_timeout=5.0)
+    push = OtlpPush(settings)
+    endpoint = PrometheusEndpoint()
+    pipeline = MetricsPipeline(
+        [endpoint.make_reader, push.make_reader],
+        Resource.create({"service.name": "in-process"}),
+        on_published=[endpoint.render],
+        instruments=[push.register_instruments],
+    )
+    push.attach(pipeline.notify)
+    try:
+        grpc_receiver.failure = Failure(grpc_code=grpc.StatusCode.PERMISSION_DENIED, message="no")
+        first = generate_feed(connectors=600, seed=1)
+        pipeline.publish(State(parse_kml(first.kml), FeedStatus(up=True)))
+        push.force_flush()
+        assert push.errors == 1
+        # The failure notified the pipeline: the exposition shows the count, without another refresh.
+        assert "chargy_otlp_export_errors_total 1.0" in exposition(endpoint)
+
+        grpc_receiver.failure = None
+        feed = first
+        for seed in range(2, 10):  # new stations each time: stale attribute sets pile up until a rebuild
+            feed = generate_feed(connectors=600, seed=seed)
+            pipeline.publish(State(parse_kml(feed.kml), FeedStatus(up=True)))
+            if pipeline.rebuilds:
+                break
+        assert pipeline.rebuilds >= 1
+        assert push.force_flush()
+        # The new provider's reader pushed the current feed (the receiver keeps the older feeds' points too),
+        # and the count survived the rebuild.
+        state = grpc_receiver.points("chargy_connector_state")
+        assert expected_points(feed)["chargy_connector_state"].items() <= state.items()
+        assert grpc_receiver.value("chargy_otlp_export_errors") == 1.0
+        assert "chargy_otlp_export_errors_total 1.0" in exposition(endpoint)
+    finally:
+        pipeline.shutdown(timeout_millis=2_000)
+
+
+def exposition(endpoint: Any) -> str:
+    return str(endpoint.exposition("", "")[2].decode())
+
+
+# ---- the stable instance id, through the process ---------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="cli.py does not build its resource with resource.build_resource yet")
+def test_the_instance_id_survives_a_restart_and_follows_the_port(
+    http_receiver: HttpReceiver, little_feed: GeneratedFeed, feed_server: FeedServer, exporter_process: StartExporter
+) -> None:
+    feed_server.set_body(little_feed.kml)
+    env = push_env(http_receiver, OTEL_METRICS_EXPORTER="otlp")
+
+    def instance_id(port: int, **more: str) -> str:
+        with http_receiver.lock:
+            http_receiver.received.clear()
+        process = exporter_process("--kml-url", feed_server.url, env={**env, **more}, port=port)
+        http_receiver.wait_for(lambda: bool(http_receiver.requests()), 30, "a push")
+        stop_quickly(process)
+        return str(http_receiver.resource_attributes()["service.instance.id"])
+
+    port = free_port()
+    first = instance_id(port)
+    assert instance_id(port) == first  # restarted with the same settings
+    assert instance_id(free_port()) != first  # another port: another instance
+    given = "chargy-lu-1"
+    assert instance_id(port, OTEL_RESOURCE_ATTRIBUTES=f"service.instance.id={given}") == given
 
 
 # ---- production and beyond ------------------------------------------------------------------------------------------
@@ -458,7 +662,7 @@ def test_17000_connectors_arrive_complete_through_the_process(
         assert not checker.wrong, checker.wrong
         assert max(checker.sizes) < GRPC_DEFAULT_LIMIT
         assert sum(checker.sizes) > 2 * GRPC_DEFAULT_LIMIT  # more than one message's worth
-        assert not failure_lines(process), logs_of(process)
+        assert not failure_lines(logs_of(process)), logs_of(process)
         stop_quickly(process, limit=10.0)
         assert seconds_between(logs_of(process), "received SIGTERM", "stopped") < 5.0
     finally:
@@ -471,15 +675,13 @@ def test_170000_connectors_arrive_complete_through_grpc_with_default_limits(grpc
     """In-process (the process refuses feeds over 20,000 connectors): the pipeline with the OTLP reader only,
     one export of ~775,000 data points (~120 MB) to a receiver with grpcio's default limits."""
     from chargy_exporter.metrics import MetricsPipeline
-    from chargy_exporter.otlp import OtlpPush
-    from chargy_exporter.otlp_settings import OtlpSettings
     from chargy_exporter.status import FeedStatus, State
 
     feed = generate_feed(connectors=170_000, seed=5)
     checker = PointChecker(feed)
     grpc_receiver.sink = checker
-    # Default export timeout (30 s of waiting on the receiver); no periodic export, the test flushes.
-    push = OtlpPush(OtlpSettings(endpoint=grpc_receiver.endpoint, export_interval=3600))
+    # No periodic export: the test flushes, with a timeout for collecting that large a feed.
+    push = OtlpPush(OtlpSettings(endpoint=grpc_receiver.endpoint, export_interval=math.inf))
     pipeline = MetricsPipeline([push.make_reader], Resource.create({}), instruments=[push.register_instruments])
     push.attach(pipeline.notify)
     try:
@@ -488,63 +690,8 @@ def test_170000_connectors_arrive_complete_through_grpc_with_default_limits(grpc
         assert checker.complete(), f"{max(map(len, checker.seen.values()), default=0)} of {4 * len(feed.connectors)}"
         assert not checker.wrong, checker.wrong
         assert max(checker.sizes) < GRPC_DEFAULT_LIMIT
-        assert push.errors == dict.fromkeys(("internal", "rejected", "timeout", "unavailable"), 0)
+        assert push.errors == 0
     finally:
         started = time.monotonic()
         pipeline.shutdown(timeout_millis=2_000)
         assert time.monotonic() - started < 5.0
-
-
-# ---- in-process: the pipeline replaces its provider ------------------------------------------------------------------
-
-
-def test_provider_rebuild_recreates_the_reader_and_keeps_the_error_count(grpc_receiver: GrpcReceiver) -> None:
-    from chargy_exporter.kml import parse_kml
-    from chargy_exporter.metrics import MetricsPipeline
-    from chargy_exporter.otlp import OtlpPush
-    from chargy_exporter.otlp_settings import OtlpSettings
-    from chargy_exporter.prometheus import PrometheusEndpoint
-    from chargy_exporter.status import FeedStatus, State
-
-    settings = OtlpSettings(endpoint=grpc_receiver.endpoint, export_interval=3600, export_timeout=1.0)
-    push = OtlpPush(settings)
-    endpoint = PrometheusEndpoint()
-    pipeline = MetricsPipeline(
-        [endpoint.make_reader, push.make_reader],
-        Resource.create({"service.name": "in-process"}),
-        on_published=[endpoint.render],
-        instruments=[push.register_instruments],
-    )
-    push.attach(pipeline.notify)
-    try:
-        grpc_receiver.failure = Failure(grpc_code=grpc.StatusCode.PERMISSION_DENIED, message="no")
-        first = generate_feed(connectors=600, seed=1)
-        pipeline.publish(State(parse_kml(first.kml), FeedStatus(up=True)))
-        push.force_flush()
-        assert push.errors["rejected"] == 1
-        deadline = time.monotonic() + 5
-        while 'chargy_otlp_export_errors_total{reason="rejected"} 1.0' not in exposition(endpoint):
-            assert time.monotonic() < deadline, "the Prometheus exposition did not catch up with the error"
-            time.sleep(0.05)
-
-        grpc_receiver.failure = None
-        feed = first
-        for seed in range(2, 10):  # new stations each time: stale attribute sets pile up until a rebuild
-            feed = generate_feed(connectors=600, seed=seed)
-            pipeline.publish(State(parse_kml(feed.kml), FeedStatus(up=True)))
-            if pipeline.rebuilds:
-                break
-        assert pipeline.rebuilds >= 1
-        assert push.force_flush()
-        # The new provider's reader pushed the current feed (the receiver keeps the older feeds' points too),
-        # and the count survived the rebuild.
-        state = grpc_receiver.points("chargy_connector_state")
-        assert expected_points(feed)["chargy_connector_state"].items() <= state.items()
-        assert grpc_receiver.points("chargy_otlp_export_errors")[(("reason", "rejected"),)] == 1.0
-        assert 'chargy_otlp_export_errors_total{reason="rejected"} 1.0' in exposition(endpoint)
-    finally:
-        pipeline.shutdown(timeout_millis=2_000)
-
-
-def exposition(endpoint: Any) -> str:
-    return endpoint.exposition("", "")[2].decode()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+import http.client
+import socket
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
 
 import pytest
 from conftest import http_get, parse_exposition
@@ -12,7 +16,15 @@ from opentelemetry.sdk.resources import Resource
 
 from chargy_exporter.kml import parse_kml
 from chargy_exporter.metrics import MetricsPipeline
-from chargy_exporter.prometheus import PrometheusEndpoint
+from chargy_exporter.page import render_status_page
+from chargy_exporter.prometheus import (
+    MAX_NAME_CHARS,
+    MAX_NAMES,
+    MAX_QUERY_CHARS,
+    PrometheusEndpoint,
+    gzip_wanted,
+    negotiate,
+)
 from chargy_exporter.status import FeedStatus, State
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -37,10 +49,34 @@ def test_metrics_and_root_serve_the_same_exposition(served):
     assert len(parse_exposition(body.decode()).samples("chargy_connector_state")) > 0
 
 
-def test_a_browser_on_root_gets_a_page_linking_to_metrics(served):
-    _, base = served
-    status, headers, body = http_get(base + "/", {"Accept": "text/html,application/xhtml+xml"})
-    assert status == 200 and headers["Content-Type"] == "text/html" and b'href="/metrics"' in body
+# What Prometheus itself sends (scrape_protocols' default), and what curl sends.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=1.0.0;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"
+)
+
+
+def test_a_browser_on_root_gets_the_status_page_and_scrapers_keep_getting_metrics():
+    feed = generate_feed(stations=20, seed=1)
+    state = State(parse_kml(feed.kml), FeedStatus(up=True, last_success_time=time.time()))
+    endpoint = PrometheusEndpoint(lambda: render_status_page(state, time.time()))
+    pipeline = MetricsPipeline([endpoint.make_reader], Resource.create({}), on_published=[endpoint.render])
+    pipeline.publish(state)
+    server = endpoint.serve("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        status, headers, body = http_get(base + "/", {"Accept": "text/html,application/xhtml+xml"})
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+        assert b'href="/metrics"' in body and b'href="/healthz"' in body
+        available = feed.counts_by_state()["available"]
+        assert f'id="available">{available:,}<'.encode() in body
+        for accept in (PROMETHEUS_ACCEPT, "*/*"):
+            status, headers, body = http_get(base + "/", {"Accept": accept})
+            assert status == 200 and not headers["Content-Type"].startswith("text/html")
+            assert parse_exposition(body.decode()).value("chargy_feed_up") == 1
+    finally:
+        server.shutdown()
+        pipeline.shutdown()
 
 
 def test_gzip_when_asked(served):
@@ -59,16 +95,84 @@ def test_openmetrics_when_asked(served):
     assert b"chargy_connector_state{" in body
 
 
-def test_the_name_filter_selects_families(served):
+def test_the_name_filter_selects_series(served):
     _, base = served
     body = http_get(base + "/metrics?name[]=chargy_feed_up")[2].decode()
     assert parse_exposition(body).families.keys() == {"chargy_feed_up"}
+    # Prometheus' name[] is the series (sample) name: a counter's samples end in _total, an info family's in _info.
+    status, _, body = http_get(base + "/metrics?name[]=chargy_feed_refresh_errors_total&name[]=target_info")
+    exposition = parse_exposition(body.decode())
+    assert status == 200 and exposition.families.keys() == {"chargy_feed_refresh_errors_total", "target_info"}
+    assert exposition.value("chargy_feed_refresh_errors_total", reason="http_5xx") == 0
+    assert "# TYPE chargy_feed_refresh_errors_total counter" in exposition.text
+
+
+def test_the_name_filter_in_openmetrics_and_gzip(served):
+    _, base = served
+    url = base + "/metrics?name[]=chargy_feed_refresh_errors_total&name[]=chargy_feed_up"
+    status, headers, body = http_get(url, {"Accept": OPENMETRICS, "Accept-Encoding": "gzip"})
+    text = gzip.decompress(body).decode()
+    assert status == 200 and headers["Content-Type"] == OPENMETRICS and headers["Content-Encoding"] == "gzip"
+    assert text.endswith("# EOF\n") and 'chargy_feed_refresh_errors_total{reason="http_5xx"} 0' in text
+    assert {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")} == {
+        "chargy_feed_refresh_errors_total", "chargy_feed_up"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["chargy_feed_refresh_errors", "target", "nothing_like_this", "%00%ff"])
+def test_a_name_matching_no_series_gets_an_empty_answer(served, name):
+    _, base = served
+    status, headers, body = http_get(base + f"/metrics?name[]={name}")
+    assert (status, body) == (200, b"") and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    status, _, body = http_get(base + f"/metrics?name[]={name}", {"Accept": OPENMETRICS})
+    assert (status, body) == (200, b"# EOF\n")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "&".join(f"name[]=n{i}" for i in range(MAX_NAMES + 1)),
+        "name[]=" + "n" * (MAX_NAME_CHARS + 1),
+        "x=" + "y" * MAX_QUERY_CHARS,
+        "&" * (MAX_QUERY_CHARS - 1),
+    ],
+    ids=["too-many-names", "too-long-name", "too-long-query", "too-many-fields"],
+)
+def test_name_filters_are_bounded(served, query):
+    _, base = served
+    status, headers, body = http_get(base + "/metrics?" + query)
+    assert status == 400 and headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert b"name[]" in body or b"query string" in body
+    assert query[:20].encode() not in body
+    # At the limits, still answered.
+    names = "&".join(f"name[]={i:02}{'n' * (MAX_NAME_CHARS - 2)}" for i in range(MAX_NAMES))
+    assert http_get(base + "/metrics?" + names)[0] == 200
 
 
 def test_health_not_found_and_methods(served):
     _, base = served
     assert http_get(base + "/healthz")[:1] == (200,)
     assert http_get(base + "/nothing-here")[0] == 404
+    host, port = base.removeprefix("http://").split(":")
+    for method, path, status in [("HEAD", "/metrics", 200), ("HEAD", "/healthz", 200), ("POST", "/metrics", 405),
+                                 ("DELETE", "/", 405), ("HEAD", "/nothing-here", 404)]:  # fmt: skip
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request(method, path)
+        response = connection.getresponse()
+        body = response.read()
+        connection.close()
+        assert response.status == status, (method, path)
+        if method == "HEAD":
+            assert body == b"" and int(response.headers["Content-Length"]) > 0
+        if status == 405:
+            assert response.headers["Allow"] == "GET, HEAD"
+    _, headers, _ = http_get(base + "/metrics")
+    assert headers["Vary"] == "Accept, Accept-Encoding"
+    head = urllib.request.Request(base + "/metrics", method="HEAD", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(head, timeout=10) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert int(response.headers["Content-Length"]) == len(
+            http_get(base + "/metrics", {"Accept-Encoding": "gzip"})[2]
+        )
 
 
 def test_scrapes_reuse_the_rendering_until_the_next_publish(served):
@@ -82,3 +186,146 @@ def test_scrapes_reuse_the_rendering_until_the_next_publish(served):
     states = {(s.labels["connector"], s.labels["state"])
               for s in parse_exposition(changed.decode()).samples("chargy_connector_detailed_state_info")}  # fmt: skip
     assert states == {(c.connector, c.state) for c in feed.connectors}
+
+
+# ---- negotiation: any Accept value maps onto the closed set of formats ----------------------------------------------
+
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# What Prometheus 2.x and 3.x send by default.
+PROMETHEUS_2 = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")  # fmt: skip
+PROMETHEUS_3 = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+                "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
+                "text/plain;version=0.0.4;q=0.2,*/*;q=0.1")  # fmt: skip
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("", TEXT),
+        ("*/*", TEXT),
+        ("text/plain", TEXT),
+        ("text/plain; version=1.0.0; escaping=allow-utf-8", TEXT),
+        (BROWSER, TEXT),
+        ("application/openmetrics-text", OPENMETRICS),
+        ("application/openmetrics-text; version=1.0.0", OPENMETRICS),
+        ('APPLICATION/OpenMetrics-Text ; Version="1.0.0"', OPENMETRICS),
+        ("application/openmetrics-text; version=1.0.300", OPENMETRICS),
+        ("application/*", OPENMETRICS),
+        (PROMETHEUS_2, OPENMETRICS),
+        (PROMETHEUS_3, OPENMETRICS),
+        ("text/plain;q=0.2, application/openmetrics-text;q=0.9", OPENMETRICS),
+        ("text/plain, application/openmetrics-text", TEXT),  # equal q: the one listed first
+        ("application/openmetrics-text, text/plain", OPENMETRICS),
+        ("application/openmetrics-text;q=0, */*", TEXT),
+        ("application/openmetrics-text;q=0, text/plain;q=0", TEXT),  # nothing acceptable: still an answer
+        ("application/openmetrics-text; version=abc", TEXT),
+        ("application/openmetrics-text; version=1.x", TEXT),
+        ("application/openmetrics-text; version=2.0.0", TEXT),
+        ("application/openmetrics-text; version=0.0.1", TEXT),
+        ("application/openmetrics-text; version=1.0.0; q=abc", TEXT),
+        ("application/openmetrics-text; version=1.0.0\r\n X-Injected: 1", TEXT),
+        (";;;,,,==;q=;version", TEXT),
+        ("text/plain;q=0.1," * 100 + "application/openmetrics-text", TEXT),  # past the ranges read
+    ],
+)
+def test_negotiation_maps_any_accept_onto_a_canonical_format(accept, expected):
+    assert negotiate(accept).content_type == expected
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "expected"),
+    [("gzip", True), ("GZIP", True), ("deflate, gzip;q=0.5", True), ("x-gzip", True), ("", False),
+     ("identity", False), ("gzip;q=0", False), ("br, *", False), ("gzip;q=2", False)],
+)  # fmt: skip
+def test_gzip_only_when_accepted(accept_encoding, expected):
+    assert gzip_wanted(accept_encoding) is expected
+
+
+# ---- hostile clients keep nothing -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def endpoint_served() -> Iterator[tuple[PrometheusEndpoint, MetricsPipeline, str]]:
+    endpoint = PrometheusEndpoint()
+    pipeline = MetricsPipeline([endpoint.make_reader], Resource.create({}), on_published=[endpoint.render])
+    pipeline.publish(State(parse_kml(generate_feed(stations=20, seed=1).kml), FeedStatus(up=True)))
+    server = endpoint.serve("127.0.0.1", 0)
+    yield endpoint, pipeline, f"http://127.0.0.1:{server.port}"
+    server.shutdown()
+    pipeline.shutdown()
+
+
+CLOSED_SET = {(TEXT, False), (TEXT, True), (OPENMETRICS, False), (OPENMETRICS, True)}
+
+
+def hostile_requests(count: int) -> Iterator[tuple[str, dict[str, str]]]:
+    """`count` scrapes with distinct Accept values and `count` with distinct name[] values, each carrying a token."""
+    for i in range(count):
+        token = f"tok{i}x"
+        accept = [
+            f"application/openmetrics-text; version=1.0.{i}; {token}=1",
+            f"application/openmetrics-text; version={token}",
+            f"text/plain; version={i}.x; charset={token}",
+            f"application/openmetrics-text; version=1.0.0; escaping={token}",
+        ][i % 4]
+        yield "/metrics", {"Accept": accept, "Accept-Encoding": "gzip" if i % 3 else f"{token}, identity"}
+    for i in range(count):
+        token = f"tok{i}y"
+        name = ["chargy_feed_up", "target_info", "chargy_feed_refresh_errors_total"][i % 3]
+        yield f"/metrics?name[]={name}&name[]={token}", {"Accept": [OPENMETRICS, TEXT][i % 2]}
+
+
+def scrape_all(base: str, requests: Iterable[tuple[str, dict[str, str]]]) -> int:
+    """Sends every request on one keep-alive connection; checks each answer; returns how many were sent."""
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    sent = 0
+    try:
+        for path, headers in requests:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200, (path, headers, response.status)
+            assert not any("tok" in value for value in response.headers.values()), response.headers.items()
+            assert (response.headers["Content-Type"], response.headers["Content-Encoding"] == "gzip") in CLOSED_SET
+            sent += 1
+    finally:
+        connection.close()
+    return sent
+
+
+def test_distinct_accept_and_name_values_keep_nothing_and_cost_the_next_publish_nothing(endpoint_served):
+    endpoint, pipeline, base = endpoint_served
+    state = State(parse_kml(generate_feed(stations=20, seed=1).kml), FeedStatus(up=True))
+    every_body = [("/metrics", {"Accept": accept, "Accept-Encoding": encoding})
+                  for accept in (TEXT, OPENMETRICS) for encoding in ("gzip", "identity")]  # fmt: skip
+    scrape_all(base, every_body)
+    before = endpoint.encodings
+    pipeline.publish(state)
+    publish_cost = endpoint.encodings - before  # the bodies scraped since the last render, encoded once
+    assert publish_cost == 4 and endpoint.kept_bodies() == CLOSED_SET
+
+    assert scrape_all(base, hostile_requests(1000)) == 2000
+    assert endpoint.kept_bodies() == CLOSED_SET
+
+    before = endpoint.encodings
+    pipeline.publish(state)
+    assert endpoint.encodings - before == publish_cost
+    assert endpoint.kept_bodies() == CLOSED_SET
+
+
+def test_a_folded_header_is_not_reflected(endpoint_served):
+    _, _, base = endpoint_served
+    host, port = base.removeprefix("http://").split(":")
+    request = (b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text; version=1.0.0\r\n"
+               b" X-Injected: yes\r\nConnection: close\r\n\r\n")  # fmt: skip
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    head = rest.partition(b"\r\n\r\n")[0]
+    assert int(status_line.split()[1]) < 500 and b"Injected" not in head

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from feedgen import generate_feed
 
 from chargy_exporter import refresher as refresher_module
 from chargy_exporter.config import Config, RedactingFilter
-from chargy_exporter.feed import FeedError, FetchResult, Validators
+from chargy_exporter.feed import FeedClient, FeedError, FetchResult, Validators
 from chargy_exporter.kml import KmlError
 from chargy_exporter.refresher import FIRST_RETRY_DELAY, Refresher
 from chargy_exporter.status import State
@@ -186,3 +188,62 @@ def test_kml_error_reasons_are_counted_by_name() -> None:
     refresher, _, published = make([KmlError("forbidden_xml", "entities")])
     refresher.refresh_once()
     assert published[-1].status.errors == {"forbidden_xml": 1}
+
+
+# ---- what a failure publishes and logs --------------------------------------------------------------------------------
+
+
+def test_a_failure_publishes_its_reason_redacted_message_and_next_try() -> None:
+    refresher, _, published = make([FEED.kml, FeedError("connection", "cannot reach http://h/?API-KEY=s3cr3t-key")])
+    refresher.refresh_once()
+    good = published[-1].status
+    assert good.next_refresh_time is not None and good.last_success_time is not None
+    assert 299 <= good.next_refresh_time - good.last_success_time <= 300
+    assert (good.last_error_reason, good.failures_in_a_row) == (None, 0)
+
+    delay = refresher.refresh_once()
+    failed = published[-1].status
+    assert (failed.last_error_reason, failed.failures_in_a_row) == ("connection", 1)
+    assert failed.last_error_message == "cannot reach http://h/?API-KEY=REDACTED"
+    assert failed.last_error_time is not None and failed.next_refresh_time is not None
+    assert delay - 1 <= failed.next_refresh_time - failed.last_error_time <= delay
+
+
+def test_failures_in_a_row_count_up_and_a_recovery_keeps_the_last_error() -> None:
+    refresher, _, published = make([FeedError("timeout", "slow"), KmlError("not_kml", "html"), FEED.kml])
+    refresher.refresh_once()
+    refresher.refresh_once()
+    assert (published[-1].status.failures_in_a_row, published[-1].status.last_error_reason) == (2, "not_kml")
+    refresher.refresh_once()
+    recovered = published[-1].status
+    assert recovered.up and recovered.failures_in_a_row == 0
+    assert (recovered.last_error_reason, recovered.last_error_message) == ("not_kml", "html")
+
+
+def test_each_failure_is_one_log_line_with_reason_count_and_next_try(caplog: pytest.LogCaptureFixture) -> None:
+    refresher, _, _ = make(
+        [FeedError("http_5xx", "the feed answered HTTP 503"), RuntimeError("line one\nline two s3cr3t-key")]
+    )
+    caplog.set_level("DEBUG", logger="chargy_exporter")
+    caplog.handler.addFilter(RedactingFilter(("s3cr3t-key",)))
+    refresher.refresh_once()
+    refresher.refresh_once()
+    lines = [r.getMessage() for r in caplog.records if r.levelname != "DEBUG"]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert lines[0].startswith("feed refresh failed (http_5xx, 1 in a row): the feed answered HTTP 503;")
+    assert lines[1].startswith("feed refresh failed (internal, 2 in a row): RuntimeError: line one line two REDACTED;")
+    assert all(re.search(r"next try in \d+ s$", line) for line in lines)
+
+
+def test_a_feed_file_that_disappears_is_a_refresh_error_and_the_data_stays(tmp_path: Path) -> None:
+    feed_file = tmp_path / "feed.kml"
+    feed_file.write_bytes(FEED.kml)
+    config = Config(kml_url=str(feed_file))
+    published: list[State] = []
+    refresher = Refresher(config, FeedClient(config), published.append)
+    refresher.refresh_once()
+    feed_file.unlink()
+    refresher.refresh_once()
+    state = published[-1]
+    assert not state.status.up and state.status.last_error_reason == "file"
+    assert state.snapshot is published[0].snapshot and state.snapshot.connector_count == len(FEED.connectors)

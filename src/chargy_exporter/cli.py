@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from types import FrameType
+from typing import Final
 
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, OTELResourceDetector, Resource
 
@@ -24,6 +26,11 @@ from .status import State
 
 log = logging.getLogger("chargy_exporter")
 
+# Libraries whose own messages repeat, less clearly, what our one line per failure already says (urllib3's
+# "Retrying (_CappedRetry(...)) after connection broken by ..." on every try; gRPC's connection chatter).
+# Below --log-level debug only their errors show.
+CHATTY_LIBRARIES: Final = ("urllib3", "grpc")
+
 
 def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -33,6 +40,21 @@ def setup_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
+    debugging = config.log_level == "DEBUG"
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if debugging else logging.ERROR)
+    quiet_grpc_core(os.environ, debugging)
+
+
+def quiet_grpc_core(environ: MutableMapping[str, str], debugging: bool) -> None:
+    """Keep gRPC's C core (it logs to stderr itself, through absl, not through Python's logging) quiet.
+
+    By default it prints INFO lines ("Got goaway", "Handshake failed ...") that otlp.py already reports, on one
+    line, as a failed push. It reads GRPC_VERBOSITY when grpc initializes, so this must run before grpc is
+    imported (only the OTLP gRPC exporter imports it, after the configuration is loaded). What the user set wins;
+    GRPC_TRACE (no tracers unless set) is theirs to set.
+    """
+    environ.setdefault("GRPC_VERBOSITY", "INFO" if debugging else "NONE")
 
 
 def build_resource() -> Resource:
@@ -106,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.redacted_url,
         config.refresh_interval,
     )
+    # SIGHUP: refresh now rather than at the end of the interval (also what the tests use instead of waiting).
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: refresher.refresh_now())
     refresher.start()
     stopping.wait()
 

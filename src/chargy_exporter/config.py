@@ -125,6 +125,29 @@ def _kml_url(value: str) -> str:
     raise ConfigError(f"unsupported URL scheme {parts.scheme!r} (use http, https, file or a path)")
 
 
+def local_feed_path(url: str) -> Path | None:
+    """The file a `file://` URL or a plain path names; None for http(s)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        return None
+    return Path(unquote(parts.path) if parts.scheme == "file" else url)
+
+
+def check_feed_file(url: str) -> None:
+    """A feed file must be readable at startup: a typo in a path is a config error, not a refresh failing forever.
+
+    A file that disappears later is a refresh error (`file`); the last good data is kept.
+    """
+    path = local_feed_path(url)
+    if path is None:
+        return
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot read the feed file {path}: {error.strerror or error}") from None
+
+
 def _port(value: str) -> int:
     port = int(value)
     if not 0 < port < 65536:
@@ -309,6 +332,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # how each given option was given, as error messages name it
     for option in _OPTIONS:
         given = getattr(args, option.dest)
         source = option.flag
@@ -316,13 +340,25 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             given, source = environ[option.env], f"{option.flag} (from {option.env})"
         if given is None:
             continue
+        sources[option.dest] = source
         try:
             values[option.dest] = option.convert(given)
         except ValueError as error:
             detail = str(error) if isinstance(error, ConfigError) else f"invalid value {redact_url(str(given))!r}"
             parser.error(f"{source}: {redact_url(detail)}")
     if values.get("demo"):
+        if "kml_url" in values:
+            # Serving the sample while the user believes they watch their feed would be worse than stopping.
+            parser.error(
+                f"{sources['demo']} and {sources['kml_url']} cannot be combined: "
+                "--demo serves the bundled sample feed instead of a URL; drop one of them"
+            )
         values["kml_url"] = DEMO_FEED_PATH.as_uri()
+    elif "kml_url" in values:
+        try:
+            check_feed_file(values["kml_url"])
+        except ConfigError as error:
+            parser.error(f"{sources['kml_url']}: {redact_url(str(error))}")
     config = Config(**values)
     values["secrets"] = url_secrets(config.kml_url)
     from .otlp_settings import resolve_otlp  # here: otlp_settings imports this module

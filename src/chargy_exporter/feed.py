@@ -7,8 +7,10 @@ error counter and a message that never contains the API key.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -220,7 +222,7 @@ class FeedClient:
         return b"".join(chunks)
 
     def _error(self, reason: str, summary: str, error: Exception) -> FeedError:
-        return FeedError(reason, self._config.redact(f"{summary}: {type(error).__name__}: {error}"))
+        return FeedError(reason, self._config.redact(f"{summary}: {plain_cause(error)}"))
 
     # ---- files -------------------------------------------------------------------------------------------------
 
@@ -236,6 +238,42 @@ class FeedClient:
         if len(body) > limit:
             raise FeedError("too_large", f"{path} is over the {limit}-byte limit (--max-feed-bytes)")
         return body
+
+
+# urllib3 prefixes its messages with the connection pool's repr: "HTTPConnectionPool(host='h', port=80): ".
+_POOL_PREFIX: Final = re.compile(r"^\w+\(host=[^)]*\):\s*")
+
+
+def _exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """The error, then what caused it, outermost first (requests wraps urllib3, which wraps the socket error)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        reason = getattr(current, "reason", None)  # urllib3's MaxRetryError keeps its cause there
+        wrapped = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        current = next(
+            (
+                link
+                for link in (reason, current.__cause__, wrapped, current.__context__)
+                if isinstance(link, BaseException)
+            ),
+            None,
+        )
+
+
+def plain_cause(error: BaseException) -> str:
+    """The most specific message of an error chain, in words ("Failed to establish a new connection: [Errno 111]
+    Connection refused"), without the reprs of pools, retries and URLs that requests and urllib3 pile up."""
+    text = ""
+    for link in _exception_chain(error):
+        first = link.args[0] if link.args else None
+        if isinstance(first, str) and first.strip():
+            text = first
+        elif not text and isinstance(link, OSError) and link.strerror:
+            text = link.strerror
+    return _POOL_PREFIX.sub("", " ".join(text.split())) or type(error).__name__
 
 
 def _timed_out(error: requests.exceptions.ConnectionError) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Final
 
@@ -91,6 +92,35 @@ class ConnectorRow:
     connector: Connector
 
 
+@dataclass(frozen=True, slots=True)
+class NetworkCounts:
+    """The network at a glance: connectors by simplified state, and stations where none is available."""
+
+    available: int = 0
+    charging: int = 0
+    unavailable: int = 0
+    stations: int = 0
+    stations_without_available: int = 0
+
+    @property
+    def connectors(self) -> int:
+        return self.available + self.charging + self.unavailable
+
+
+def count_network(stations: tuple[Station, ...]) -> NetworkCounts:
+    by_state = dict.fromkeys(SIMPLIFIED_STATES, 0)
+    without_available = 0
+    for station in stations:
+        states = [connector.state for device in station.devices for connector in device.connectors]
+        for state in states:
+            by_state[state] += 1
+        if AVAILABLE not in states:
+            without_available += 1
+    return NetworkCounts(
+        by_state[AVAILABLE], by_state[CHARGING], by_state[UNAVAILABLE], len(stations), without_available
+    )
+
+
 @dataclass(frozen=True)
 class Snapshot:
     stations: tuple[Station, ...]
@@ -110,6 +140,11 @@ class Snapshot:
     @property
     def connector_count(self) -> int:
         return sum(len(device.connectors) for station in self.stations for device in station.devices)
+
+    @cached_property
+    def counts(self) -> NetworkCounts:
+        # Computed on first use and kept: the snapshot never changes, and the status page asks on every request.
+        return count_network(self.stations)
 
 
 EMPTY_SNAPSHOT: Final = Snapshot(stations=())

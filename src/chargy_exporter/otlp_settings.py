@@ -26,6 +26,7 @@ PROTOCOLS: Final = (GRPC, HTTP_PROTOBUF)
 DEFAULT_GRPC_ENDPOINT: Final = "http://localhost:4317"
 DEFAULT_HTTP_ENDPOINT: Final = "http://localhost:4318/v1/metrics"
 METRICS_PATH: Final = "v1/metrics"
+TEMPORALITIES: Final = ("cumulative", "delta", "lowmemory")  # OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE
 _MIN_REDACTED_LENGTH: Final = 6
 
 
@@ -43,7 +44,10 @@ class OtlpSettings:
     timeout: float = 10.0  # seconds, per request
     certificate: str | None = None  # PEM file of the CA to trust for TLS
     export_interval: float = 60.0  # seconds
-    export_timeout: float = 30.0  # seconds, per export (all its requests)
+    export_timeout: float = 30.0  # seconds, per collection and export
+    # cumulative, delta or lowmemory: checked here; the SDK exporter reads the variable itself and the reader
+    # follows it (delta: counters as deltas; lowmemory: synchronous counters only, which we do not have).
+    temporality: str = "cumulative"
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -108,6 +112,7 @@ def resolve_otlp(config: Config, environ: Mapping[str, str]) -> dict[str, Any]:
     certificate_given = env.signal("CERTIFICATE")
     interval_given = env.get("OTEL_METRIC_EXPORT_INTERVAL")
     export_timeout_given = env.get("OTEL_METRIC_EXPORT_TIMEOUT")
+    temporality_given = env.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")
     settings = OtlpSettings(
         protocol=protocol,
         endpoint=endpoint,
@@ -118,6 +123,7 @@ def resolve_otlp(config: Config, environ: Mapping[str, str]) -> dict[str, Any]:
         certificate=_checked(certificate_given, _readable_file) if certificate_given else None,
         export_interval=_checked(interval_given, _milliseconds) if interval_given else 60.0,
         export_timeout=_checked(export_timeout_given, _milliseconds) if export_timeout_given else 30.0,
+        temporality=_checked(temporality_given, _parse_temporality) if temporality_given else "cumulative",
     )
     secrets = {*config.secrets, *settings.secrets}
     values.update(otlp=settings, secrets=tuple(sorted(secrets, key=len, reverse=True)))
@@ -188,6 +194,13 @@ def _parse_compression(value: str) -> str:
     if compression not in ("gzip", "none"):
         raise ConfigError("must be gzip or none")
     return compression
+
+
+def _parse_temporality(value: str) -> str:
+    temporality = value.strip().lower()
+    if temporality not in TEMPORALITIES:
+        raise ConfigError("must be cumulative, delta or lowmemory")
+    return temporality
 
 
 def _parse_boolean(value: str) -> bool:

@@ -17,6 +17,12 @@ class FeedStatus:
     # Cumulative since start, by reason.
     errors: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     skipped: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # The last failed refresh, kept after a recovery (the page shows what went wrong last, and when).
+    last_error_reason: str | None = None  # a label of chargy_feed_refresh_errors_total
+    last_error_message: str | None = None  # short, one line, secrets already redacted
+    last_error_time: float | None = None  # Unix time
+    failures_in_a_row: int = 0
+    next_refresh_time: float | None = None  # Unix time the next refresh attempt is due
 
 
 @dataclass(frozen=True)

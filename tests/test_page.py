@@ -1,0 +1,190 @@
+"""page.py: the status page at `/` shows the published state, escaped, self-contained, without the feed's key."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from types import MappingProxyType
+
+from feedgen import ExpectedStation, generate_feed
+
+from chargy_exporter import __version__
+from chargy_exporter.config import Config
+from chargy_exporter.feed import FeedError
+from chargy_exporter.kml import parse_kml
+from chargy_exporter.model import Connector, Device, Snapshot, Station
+from chargy_exporter.page import render_status_page
+from chargy_exporter.refresher import Refresher
+from chargy_exporter.status import FeedStatus, State
+
+NOW = 1_764_460_800.0  # 2025-11-30 00:00:00 UTC
+FEED = generate_feed(stations=60, seed=11, odd_shapes=True)
+
+
+class _Page(HTMLParser):
+    """The page as a reader sees it: its text, the text of each element with an id, its links and tags."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.by_id: dict[str, str] = {}
+        self.links: list[str] = []
+        self.tags: set[str] = set()
+        self.attributes: list[tuple[str, str | None]] = []
+        self._open_ids: list[tuple[str, str]] = []
+        self._text: list[str] = []
+        self.feed(html)
+        self.text = " ".join(" ".join(self._text).split())
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.attributes.extend(attrs)
+        found = dict(attrs)
+        if tag == "a" and found.get("href"):
+            self.links.append(str(found["href"]))
+        self._open_ids.append((tag, str(found.get("id") or "")))
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open_ids:
+            open_tag, _ = self._open_ids.pop()
+            if open_tag == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if not any(tag == "style" for tag, _ in self._open_ids):
+            self._text.append(data)
+        for _, element_id in self._open_ids:
+            if element_id:
+                self.by_id[element_id] = self.by_id.get(element_id, "") + data
+
+
+def page_of(state: State, now: float = NOW) -> _Page:
+    return _Page(render_status_page(state, now).decode("utf-8"))
+
+
+def number(page: _Page, element_id: str) -> int:
+    return int(page.by_id[element_id].replace(",", ""))
+
+
+def stations_without_available(stations: list[ExpectedStation]) -> int:
+    return sum(1 for station in stations if all(c.simplified != "available" for c in station.connectors))
+
+
+def test_the_network_counts_are_the_feeds() -> None:
+    page = page_of(State(parse_kml(FEED.kml), FeedStatus(up=True, last_success_time=NOW - 30)))
+    expected = FEED.counts_by_state()
+    for state in ("available", "charging", "unavailable"):
+        assert number(page, state) == expected.get(state, 0)
+    assert number(page, "stations-without-available") == stations_without_available(FEED.expected_stations)
+    assert f"{len(FEED.connectors):,} connectors at {len(FEED.expected_stations):,} stations" in page.text
+
+
+def test_a_station_counts_as_without_available_only_when_none_of_its_connectors_is_available() -> None:
+    def station(name: str, *states: str) -> Station:
+        connectors = tuple(Connector(f"{name} - {n}", n, 22.0, raw) for n, raw in enumerate(states, 1))
+        return Station(name, "", None, None, (Device(name, connectors),))
+
+    snapshot = Snapshot(
+        (
+            station("one free", "CHARGING", "AVAILABLE"),
+            station("all busy", "CHARGING", "PREPARING"),
+            station("broken", "FAULTED", "MAINTENANCE"),  # an unknown state counts as unavailable
+            station("free", "available"),  # the raw state is read case-insensitively, as for the metrics
+        )
+    )
+    page = page_of(State(snapshot, FeedStatus(up=True, last_success_time=NOW)))
+    assert number(page, "stations-without-available") == 2
+    assert (number(page, "available"), number(page, "charging"), number(page, "unavailable")) == (2, 3, 2)
+
+
+def test_the_feeds_health_is_shown() -> None:
+    status = FeedStatus(
+        up=False,
+        last_success_time=NOW - 400,
+        errors=MappingProxyType({"http_5xx": 3}),
+        last_error_reason="http_5xx",
+        last_error_message="the feed answered HTTP 503",
+        last_error_time=NOW - 20,
+        failures_in_a_row=3,
+        next_refresh_time=NOW + 9,
+    )
+    page = page_of(State(parse_kml(FEED.kml), status))
+    assert page.by_id["feed-status"] == "down"
+    assert "3 failures in a row" in page.text
+    assert "2025-11-29 23:53:20 UTC (6 min 40 s ago)" in page.text  # the last success, and the data's age
+    assert page.by_id["last-error-reason"] == "http_5xx"
+    assert page.by_id["last-error-message"] == "the feed answered HTTP 503"
+    assert "2025-11-29 23:59:40 UTC (20 s ago)" in page.text
+    assert "in 9 s (2025-11-30 00:00:09 UTC)" in page.text
+    assert "this is the last good data, 6 min 40 s old" in page.text
+
+
+def test_a_recovered_feed_is_up_and_still_names_its_last_error() -> None:
+    status = FeedStatus(
+        up=True,
+        last_success_time=NOW - 5,
+        last_error_reason="timeout",
+        last_error_time=NOW - 2 * 3600 - 60,
+        next_refresh_time=NOW + 295,
+    )
+    page = page_of(State(parse_kml(FEED.kml), status))
+    assert page.by_id["feed-status"] == "up"
+    assert page.by_id["last-error-reason"] == "timeout"
+    assert "(2 h 1 min ago)" in page.text
+    assert "in 4 min 55 s" in page.text
+    assert "failing" not in page.text
+
+
+def test_before_the_first_refresh_the_page_says_so() -> None:
+    page = page_of(State())
+    assert "No data yet" in page.text
+    assert page.by_id["feed-status"] == "starting"
+    assert "Last success never" in page.text
+    assert "available" not in page.by_id
+
+
+def test_version_and_links() -> None:
+    page = page_of(State(parse_kml(FEED.kml), FeedStatus(up=True, last_success_time=NOW)))
+    assert page.by_id["version"] == __version__
+    assert set(page.links) == {"/metrics", "/healthz"}
+
+
+def test_the_page_is_self_contained() -> None:
+    """No script, nothing loaded from elsewhere: it renders the same offline, behind a proxy, with JS disabled."""
+    html = render_status_page(State(parse_kml(FEED.kml), FeedStatus(up=True, last_success_time=NOW)), NOW).decode()
+    page = _Page(html)
+    assert not page.tags & {"script", "link", "img", "iframe", "object", "embed"}
+    assert not [name for name, _ in page.attributes if name == "src" or name.startswith("on")]
+    assert not re.search(r"https?:|//[a-z0-9]|@import|url\(", html, re.IGNORECASE)
+
+
+def test_feed_provided_text_is_escaped() -> None:
+    hostile = '<script>alert("x")</script><img src=x onerror=alert(1)> & "quoted"'
+    status = FeedStatus(
+        up=False,
+        last_error_reason="<b>reason</b>",
+        last_error_message=hostile,
+        last_error_time=NOW,
+        failures_in_a_row=1,
+    )
+    html = render_status_page(State(status=status), NOW).decode()
+    page = _Page(html)
+    assert "script" not in page.tags and "img" not in page.tags and "b" not in page.tags
+    assert page.by_id["last-error-message"] == hostile  # shown as text, exactly
+    assert page.by_id["last-error-reason"] == "<b>reason</b>"
+
+
+def test_the_feeds_key_never_reaches_the_page() -> None:
+    """The state comes from a refresher whose error message carried the URL; the page shows it redacted."""
+    key = "page-secret-key-0123"
+    url = f"http://127.0.0.1:1/kml?API-KEY={key}"
+
+    class FailingClient:
+        def fetch(self, validators: object = None) -> object:
+            raise FeedError("connection", f"cannot connect to {url}")
+
+    published: list[State] = []
+    refresher = Refresher(Config(kml_url=url, secrets=(key,)), FailingClient(), published.append)  # type: ignore[arg-type]
+    refresher.refresh_once()
+    html = render_status_page(published[-1], NOW).decode()
+    assert key not in html
+    assert _Page(html).by_id["last-error-message"] == "cannot connect to http://127.0.0.1:1/kml?API-KEY=REDACTED"
