@@ -16,10 +16,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from conftest import Exposition, free_port, http_get, parse_exposition, require_binary, unavailable
+from conftest import Exposition, free_port, http_get, parse_exposition, require_binary, unavailable, wait_until
 
 from chargy_exporter.config import DEMO_FEED_PATH
 from chargy_exporter.kml import parse_kml
@@ -38,26 +38,12 @@ BUILD_TIMEOUT = 1200.0
 STOP_LIMIT = 2.0  # what the issue asks of `podman stop`
 EXTRA_LAYERS_LIMIT = 80 * 1024 * 1024  # the exporter and its dependencies over the base image (32 MB measured)
 
-T = TypeVar("T")
-
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([str(PODMAN), *args], capture_output=True, text=True, timeout=timeout, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)}: exit {result.returncode}\n{result.stdout}{result.stderr}")
     return result
-
-
-def wait_until(check: Callable[[], T | None], timeout: float, what: str, details: Callable[[], str] = str) -> T:
-    """The first true result of check(), polled until the deadline; fails saying what did not happen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s\n{details()}")
-        time.sleep(0.2)  # between two checks of the condition
 
 
 @dataclass
