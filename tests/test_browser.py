@@ -141,7 +141,7 @@ def test_a_failing_feed_shows_down_with_its_reason_and_the_last_good_numbers(
     assert page.by_id["feed-status"] == "down"
     assert page.by_id["last-error-reason"] == "http_5xx"
     assert "the feed answered HTTP 503" in page.by_id["last-error-message"]
-    assert re.search(r"\d+ failures? ", page.text) and "last good data" in page.text
+    assert re.search(r"\b\d+ failures?\b", page.text) and "last good data" in page.text
     assert page.number("available") == feed.counts_by_state()["available"]
     assert TEST_API_KEY not in page.text
 

@@ -120,9 +120,7 @@ def test_grpc_core_prints_nothing_of_its_own(
             "OTEL_METRIC_EXPORT_INTERVAL": "1000",
         },
     )
-    exporter.wait_for(
-        lambda e: sum(s.value for s in e.samples("chargy_otlp_export_errors_total")) >= 1, timeout=60
-    )
+    exporter.wait_for(lambda e: sum(s.value for s in e.samples("chargy_otlp_export_errors_total")) >= 1, timeout=60)
     logs = exporter.logs()
     assert [line for line in logs.splitlines() if not OUR_LINE.match(line)] == []
     assert "Handshake failed" not in logs and "ssl_transport_security" not in logs

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import exporter_command
@@ -187,3 +190,19 @@ def test_max_connectors_option():
     assert load_config(["--max-connectors", "50000"], {}).max_connectors == 50_000
     assert load_config([], {"CHARGY_MAX_CONNECTORS": "3000"}).max_connectors == 3000
     assert load_config([], {}).max_connectors == 20_000
+
+
+def test_the_readme_configuration_table_is_one_table_listing_every_option():
+    """A blank line inside a Markdown table ends it: GitHub showed the second half as plain text."""
+    from chargy_exporter.config import _OPTIONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n#", 1)[0]
+    lines = section.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| flag |"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:]))
+    assert table[1].startswith("|---")
+    rest = "\n".join(lines[first + len(table) :])
+    assert not re.search(r"^\|", rest, re.MULTILINE), "a second table (or a row cut off) after the first one"
+    for option in _OPTIONS:
+        assert any(f"`{option.flag}`" in row and f"`{option.env}`" in row for row in table), option.flag

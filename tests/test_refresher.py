@@ -190,7 +190,7 @@ def test_kml_error_reasons_are_counted_by_name() -> None:
     assert published[-1].status.errors == {"forbidden_xml": 1}
 
 
-# ---- what a failure publishes and logs --------------------------------------------------------------------------------
+# ---- what a failure publishes and logs -------------------------------------------------------------------------
 
 
 def test_a_failure_publishes_its_reason_redacted_message_and_next_try() -> None:

@@ -12,8 +12,6 @@ from collections.abc import MutableMapping, Sequence
 from types import FrameType
 from typing import Final
 
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, OTELResourceDetector, Resource
-
 from . import __version__
 from .config import Config, RedactingFilter, load_config
 from .feed import FeedClient
@@ -22,6 +20,7 @@ from .otlp import OtlpPush
 from .page import render_status_page
 from .prometheus import PrometheusEndpoint
 from .refresher import Refresher
+from .resource import build_resource
 from .status import State
 
 log = logging.getLogger("chargy_exporter")
@@ -57,12 +56,6 @@ def quiet_grpc_core(environ: MutableMapping[str, str], debugging: bool) -> None:
     environ.setdefault("GRPC_VERBOSITY", "INFO" if debugging else "NONE")
 
 
-def build_resource() -> Resource:
-    # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME win over our defaults (Resource.create alone lets ours win).
-    defaults = Resource.create({SERVICE_NAME: "chargy-exporter", SERVICE_VERSION: __version__})
-    return defaults.merge(OTELResourceDetector().detect())
-
-
 def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipeline:
     """A MetricsPipeline with the readers OTEL_METRICS_EXPORTER / --metrics-exporter ask for."""
     readers: list[ReaderFactory] = []
@@ -73,7 +66,7 @@ def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipel
         readers.append(push.make_reader)
     pipeline = MetricsPipeline(
         readers,
-        build_resource(),
+        build_resource(config, config.port),
         on_published=[endpoint.render],
         instruments=[push.register_instruments] if push is not None else [],
     )

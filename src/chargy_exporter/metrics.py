@@ -182,10 +182,19 @@ class MetricsPipeline:
             self.notify()
 
     def notify(self) -> None:
-        """Run the published hooks, e.g. after a self-metric changed outside a refresh."""
-        with self._lock:
-            for hook in self._on_published:
-                hook()
+        """Run the published hooks after a self-metric changed outside a refresh (an OTLP export failed).
+
+        Never waits: it runs on the OTLP reader's export thread, which a shutdown (holding the lock) may be
+        joining; and while a publish holds the lock, that publish renders what changed anyway.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._provider is not None:
+                for hook in self._on_published:
+                    hook()
+        finally:
+            self._lock.release()
 
     def shutdown(self, timeout_millis: float = 5_000) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ h1{font-size:1.6rem;margin:0}
 h2{font-size:1.05rem;margin:0 0 .75rem;color:var(--muted);font-weight:600;text-transform:uppercase;letter-spacing:.04em}
 .sub{margin:.1rem 0 1.25rem;color:var(--muted)}
 section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:1rem 1.25rem;margin-bottom:1rem}
-.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(9.5rem,1fr));gap:.75rem}
+.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(8.5rem,1fr));gap:.75rem}
 .tile{border-left:4px solid var(--line);padding:.15rem .75rem}
 .tile .n{display:block;font-size:2rem;font-weight:700;line-height:1.2;font-variant-numeric:tabular-nums}
 .tile .l{color:var(--muted);font-size:.9rem}
@@ -159,7 +159,7 @@ def _next_refresh(when: float | None, now: float) -> str:
     if when is None:
         return "when the refresh under way ends"
     if when <= now:
-        return "due now"
+        return "under way"
     return f"in {_duration(when - now)} ({_clock(when)})"
 
 
