@@ -6,7 +6,7 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +133,18 @@ def test_skipped_records_are_counted() -> None:
     assert published[-1].status.skipped == {"malformed_device_json": 1}
 
 
-def test_messages_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def redacting_caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog with the key redacted by the handler, as in cli; pytest keeps that handler for the whole session."""
+    redacting = RedactingFilter(("s3cr3t-key",))
+    caplog.handler.addFilter(redacting)
+    yield caplog
+    caplog.handler.removeFilter(redacting)
+
+
+def test_messages_are_redacted(redacting_caplog: pytest.LogCaptureFixture) -> None:
     """The refresher's own message is redacted; the traceback it logs passes the handler's filter, as in cli."""
-    caplog.handler.addFilter(RedactingFilter(("s3cr3t-key",)))
+    caplog = redacting_caplog
     refresher, _, _ = make([RuntimeError("http://x/?API-KEY=s3cr3t-key")])
     refresher.refresh_once()
     assert "s3cr3t-key" not in caplog.text
@@ -220,12 +229,14 @@ def test_failures_in_a_row_count_up_and_a_recovery_keeps_the_last_error() -> Non
     assert (recovered.last_error_reason, recovered.last_error_message) == ("not_kml", "html")
 
 
-def test_each_failure_is_one_log_line_with_reason_count_and_next_try(caplog: pytest.LogCaptureFixture) -> None:
+def test_each_failure_is_one_log_line_with_reason_count_and_next_try(
+    redacting_caplog: pytest.LogCaptureFixture,
+) -> None:
     refresher, _, _ = make(
         [FeedError("http_5xx", "the feed answered HTTP 503"), RuntimeError("line one\nline two s3cr3t-key")]
     )
+    caplog = redacting_caplog
     caplog.set_level("DEBUG", logger="chargy_exporter")
-    caplog.handler.addFilter(RedactingFilter(("s3cr3t-key",)))
     refresher.refresh_once()
     refresher.refresh_once()
     lines = [r.getMessage() for r in caplog.records if r.levelname != "DEBUG"]

@@ -101,10 +101,15 @@ class RedactingFilter(logging.Filter):
             redacted = redact_text(message, self._secrets)
             if redacted != message or record.exc_info:
                 record.msg, record.args = redacted, None
-                if record.exc_info:
-                    # The formatted traceback can carry the URL too: format it now, redacted.
-                    record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info), self._secrets)
-                    record.exc_info = None
+            if record.exc_info:
+                # The formatted traceback can carry the URL too: format it now, and redact it below.
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+            # Also when another handler formatted it first: formatters reuse exc_text as it is.
+            if record.exc_text:
+                record.exc_text = redact_text(record.exc_text, self._secrets)
+            if record.stack_info:
+                record.stack_info = redact_text(record.stack_info, self._secrets)
         return True
 
 
