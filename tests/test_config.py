@@ -171,6 +171,18 @@ def test_log_records_are_redacted_even_in_arguments_and_tracebacks():
     assert "REDACTED" in record.getMessage()
 
 
+def test_a_traceback_formatted_before_our_filter_is_redacted_too():
+    """Another handler's filter may have formatted the traceback and dropped exc_info (pytest's capture did)."""
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, None)
+    try:
+        raise ValueError("url http://h/kml?api-key=TOPSECRET")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    RedactingFilter(("another-secret",)).filter(record)
+    RedactingFilter(("TOPSECRET",)).filter(record)
+    assert "TOPSECRET" not in logging.Formatter().format(record)
+
+
 def test_help_documents_every_option_and_hides_the_key():
     result = subprocess.run([*exporter_command(), "--help"], capture_output=True, text=True, check=True)
     for option in ("--kml-url", "KML_URL", "--host", "OTEL_EXPORTER_PROMETHEUS_HOST", "--port",
