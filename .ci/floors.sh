@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 rm -rf .venv-floors
 python3 -m venv .venv-floors
 .venv-floors/bin/pip install -q uv
-# --native-tls: use the system's certificate store, as pip does (HTTPS may go through a proxy with its own CA).
-.venv-floors/bin/uv pip install -q --native-tls --python .venv-floors/bin/python \
+# --system-certs: use the system's certificate store, as pip does (HTTPS may go through a proxy with its own CA).
+.venv-floors/bin/uv pip install -q --system-certs --python .venv-floors/bin/python \
   --resolution lowest-direct -e '.[test]'
-.venv-floors/bin/uv pip list --native-tls --python .venv-floors/bin/python
+.venv-floors/bin/uv pip list --system-certs --python .venv-floors/bin/python
 .venv-floors/bin/python -m pytest "$@"

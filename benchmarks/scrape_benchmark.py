@@ -34,15 +34,17 @@ from chargy_exporter.config import load_config
 from chargy_exporter.feed import FeedClient
 from chargy_exporter.kml import parse_kml
 from chargy_exporter.metrics import MetricsPipeline
-from chargy_exporter.prometheus import PrometheusEndpoint
 from chargy_exporter.refresher import Refresher
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.resources import Resource
-# The same pipeline, but served by prometheus_client straight from the OTel reader: a full collection per scrape.
-endpoint = PrometheusEndpoint()
-pipeline = MetricsPipeline([endpoint.make_reader], Resource.create({}))
+# The same pipeline, but served by prometheus_client straight from an OTel reader: a full collection per scrape.
+registry = CollectorRegistry(auto_describe=False)
+pipeline = MetricsPipeline(Resource.create({}), readers=[
+    lambda limits: PrometheusMetricReader(scope_info_enabled=False, registry=registry, cardinality_limits=limits)
+])
 config = load_config(sys.argv[1:])
 Refresher(config, FeedClient(config), pipeline.publish).refresh_once()
-start_http_server(config.port, addr="127.0.0.1", registry=endpoint._registry)
+start_http_server(config.port, addr="127.0.0.1", registry=registry)
 threading.Event().wait()
 """
 

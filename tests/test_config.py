@@ -17,6 +17,7 @@ from chargy_exporter.config import (
     PUBLIC_FEED_URL,
     Config,
     RedactingFilter,
+    build_parser,
     load_config,
     redact_url,
 )
@@ -48,7 +49,7 @@ def test_environment_variables_are_read():
         },
     )
     assert (config.kml_url, config.host, config.port) == ("http://feed.example/kml?API-KEY=abc", "127.0.0.1", 9100)
-    assert (config.refresh_interval, config.log_level, config.max_feed_bytes) == (60, "DEBUG", 5 * 1024 * 1024)
+    assert (config.refresh_interval, config.log_level, config.max_feed_bytes) == (60, "debug", 5 * 1024 * 1024)
     assert config.secrets == ("abc",)
 
 
@@ -72,13 +73,21 @@ def test_demo_reads_the_bundled_sample():
     [
         (["--port", "abc"], {}, "--port"),
         (["--port", "70000"], {}, "--port"),
-        ([], {"OTEL_EXPORTER_PROMETHEUS_PORT": "-1"}, "OTEL_EXPORTER_PROMETHEUS_PORT"),
+        ([], {"OTEL_EXPORTER_PROMETHEUS_PORT": "-1"}, "--port (from OTEL_EXPORTER_PROMETHEUS_PORT): "),
         (["--refresh-interval", "0"], {}, "--refresh-interval"),
         (["--refresh-interval", "nan"], {}, "--refresh-interval"),
         (["--kml-url", "ftp://host/feed"], {}, "--kml-url"),
         (["--kml-url", "http:///nohost"], {}, "--kml-url"),
-        ([], {"CHARGY_LOG_LEVEL": "loud"}, "CHARGY_LOG_LEVEL"),
+        ([], {"CHARGY_LOG_LEVEL": "loud"}, "--log-level (from CHARGY_LOG_LEVEL): "),
         (["--max-feed-bytes", "lots"], {}, "--max-feed-bytes"),
+        # Every number is bounded: 1e10 s used to kill the refresh thread (refresh interval) or fail every
+        # refresh (fetch timeout) instead of stopping at startup.
+        (["--refresh-interval", "1e10"], {}, "--refresh-interval: must be from 1 to 86400 seconds"),
+        (["--fetch-timeout", "1e10"], {}, "--fetch-timeout: must be from 0.1 to 300 seconds"),
+        ([], {"CHARGY_FETCH_TIMEOUT": "0.01"}, "--fetch-timeout (from CHARGY_FETCH_TIMEOUT): must be from 0.1"),
+        (["--max-feed-bytes", "2GiB"], {}, "--max-feed-bytes: must be from 1024 to 1073741824 bytes"),
+        (["--max-connectors", "0"], {}, "--max-connectors"),
+        (["--max-connectors", "1000001"], {}, "--max-connectors"),
     ],
 )
 def test_a_bad_value_exits_2_with_one_line_naming_the_option(argv, environ, named, capsys):
@@ -86,7 +95,7 @@ def test_a_bad_value_exits_2_with_one_line_naming_the_option(argv, environ, name
         load_config(argv, environ)
     assert exited.value.code == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and named in error
+    assert error.count("\n") == 1 and f"chargy-exporter: error: {named}" in error
 
 
 @pytest.mark.parametrize(
@@ -183,13 +192,19 @@ def test_a_traceback_formatted_before_our_filter_is_redacted_too():
     assert "TOPSECRET" not in logging.Formatter().format(record)
 
 
-def test_help_documents_every_option_and_hides_the_key():
+def test_help_documents_every_option_its_variables_and_real_defaults_and_hides_the_key():
     result = subprocess.run([*exporter_command(), "--help"], capture_output=True, text=True, check=True)
-    for option in ("--kml-url", "KML_URL", "--host", "OTEL_EXPORTER_PROMETHEUS_HOST", "--port",
-                   "OTEL_EXPORTER_PROMETHEUS_PORT", "--refresh-interval", "CHARGY_REFRESH_INTERVAL", "--log-level",
-                   "CHARGY_LOG_LEVEL", "--demo", "--max-feed-bytes", "--fetch-timeout"):  # fmt: skip
-        assert option in result.stdout
-    assert PUBLIC_KEY not in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps lines anywhere
+    for dest, (action, variables) in build_parser().environment.items():
+        assert action.option_strings[0] in text and all(name in text for name in variables), dest
+    for default in ("API-KEY=REDACTED]", "CHARGY_REFRESH_INTERVAL; default: 300]", "CHARGY_LOG_LEVEL; default: info]",
+                    "CHARGY_FETCH_TIMEOUT; default: 30]", "OTEL_EXPORTER_PROMETHEUS_PORT; default: 9000]"):  # fmt: skip
+        assert default in text
+    # The variables the SDK reads itself are named too, with what they do.
+    for variable in ("OTEL_EXPORTER_OTLP_[METRICS_]HEADERS", "OTEL_EXPORTER_OTLP_[METRICS_]COMPRESSION",
+                     "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "OTEL_RESOURCE_ATTRIBUTES"):  # fmt: skip
+        assert variable in text
+    assert PUBLIC_KEY not in result.stdout and "default: ]" not in text
 
 
 def test_the_command_line_error_path_really_exits_2():
@@ -204,10 +219,14 @@ def test_max_connectors_option():
     assert load_config([], {}).max_connectors == 20_000
 
 
+def test_bounds_are_inclusive():
+    config = load_config(["--refresh-interval", "86400", "--fetch-timeout", "0.1", "--max-feed-bytes", "1GiB"], {})
+    assert (config.refresh_interval, config.fetch_timeout, config.max_feed_bytes) == (86_400, 0.1, 1024**3)
+    assert load_config(["--port", "65535", "--max-connectors", "1000000"], {}).max_connectors == 1_000_000
+
+
 def test_the_readme_configuration_table_is_one_table_listing_every_option():
     """A blank line inside a Markdown table ends it: GitHub showed the second half as plain text."""
-    from chargy_exporter.config import _OPTIONS
-
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("\n## Configuration\n", 1)[1].split("\n#", 1)[0]
     lines = section.splitlines()
@@ -216,5 +235,6 @@ def test_the_readme_configuration_table_is_one_table_listing_every_option():
     assert table[1].startswith("|---")
     rest = "\n".join(lines[first + len(table) :])
     assert not re.search(r"^\|", rest, re.MULTILINE), "a second table (or a row cut off) after the first one"
-    for option in _OPTIONS:
-        assert any(f"`{option.flag}`" in row and f"`{option.env}`" in row for row in table), option.flag
+    for action, variables in build_parser().environment.values():
+        flag = action.option_strings[0]
+        assert any(f"`{flag}`" in row and all(f"`{name}`" in row for name in variables) for row in table), flag

@@ -710,7 +710,7 @@ def test_unreachable_feed_logs_no_key_at_debug(exporter_process: Callable[..., E
 
 def test_fault_list_is_complete() -> None:
     """Every reason the exporter can count under (but internal/file) has a fault test here."""
-    from chargy_exporter.metrics import REFRESH_ERROR_REASONS
+    from chargy_exporter.model import REFRESH_ERROR_REASONS
 
     tested = {fault.reason for fault in FAULTS.values()} | {"timeout", "connection"}
     assert set(REFRESH_ERROR_REASONS) - tested == {"http_status", "http_redirect", "file", "internal"}

@@ -42,7 +42,7 @@ class Served:
 def serve(stations: int, limits: ServerLimits = LIMITS, host: str = "127.0.0.1") -> Served:
     threads_before = threading.active_count()
     endpoint = PrometheusEndpoint()
-    pipeline = MetricsPipeline([endpoint.make_reader], Resource.create({}), on_published=[endpoint.render])
+    pipeline = MetricsPipeline(Resource.create({}), on_published=[endpoint.render])
     pipeline.publish(State(parse_kml(generate_feed(stations=stations, seed=3).kml), FeedStatus(up=True)))
     return Served(endpoint, pipeline, endpoint.serve(host, 0, limits), threads_before)
 

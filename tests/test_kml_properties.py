@@ -11,15 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chargy_exporter.kml import (
-    KML_ERROR_REASONS,
-    MAX_CONNECTORS,
     MAX_DEVICE_JSON,
     MAX_XML_NODES,
-    SKIP_REASONS,
     KmlError,
     parse_kml,
 )
-from chargy_exporter.model import Snapshot
+from chargy_exporter.model import KML_ERROR_REASONS, MAX_CONNECTORS, SKIP_REASONS, Snapshot
 
 SAMPLE = (Path(__file__).resolve().parents[1] / "src" / "chargy_exporter" / "data" / "sample-feed.kml").read_bytes()
 VALID = generate_feed(stations=12, seed=21, odd_shapes=True).kml

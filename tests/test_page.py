@@ -80,7 +80,7 @@ def test_the_network_counts_are_the_feeds() -> None:
 
 def test_a_station_counts_as_without_available_only_when_none_of_its_connectors_is_available() -> None:
     def station(name: str, *states: str) -> Station:
-        connectors = tuple(Connector(f"{name} - {n}", n, 22.0, raw) for n, raw in enumerate(states, 1))
+        connectors = tuple(Connector(f"{name} - {n}", 22.0, raw) for n, raw in enumerate(states, 1))
         return Station(name, "", None, None, (Device(name, connectors),))
 
     snapshot = Snapshot(

@@ -33,7 +33,7 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 @pytest.fixture
 def served() -> Iterator[tuple[MetricsPipeline, str]]:
     endpoint = PrometheusEndpoint()
-    pipeline = MetricsPipeline([endpoint.make_reader], Resource.create({}), on_published=[endpoint.render])
+    pipeline = MetricsPipeline(Resource.create({}), on_published=[endpoint.render])
     pipeline.publish(State(parse_kml(generate_feed(stations=20, seed=1).kml), FeedStatus(up=True)))
     server = endpoint.serve("127.0.0.1", 0)
     yield pipeline, f"http://127.0.0.1:{server.port}"
@@ -60,7 +60,7 @@ def test_a_browser_on_root_gets_the_status_page_and_scrapers_keep_getting_metric
     feed = generate_feed(stations=20, seed=1)
     state = State(parse_kml(feed.kml), FeedStatus(up=True, last_success_time=time.time()))
     endpoint = PrometheusEndpoint(lambda: render_status_page(state, time.time()))
-    pipeline = MetricsPipeline([endpoint.make_reader], Resource.create({}), on_published=[endpoint.render])
+    pipeline = MetricsPipeline(Resource.create({}), on_published=[endpoint.render])
     pipeline.publish(state)
     server = endpoint.serve("127.0.0.1", 0)
     base = f"http://127.0.0.1:{server.port}"
@@ -249,7 +249,7 @@ def test_gzip_only_when_accepted(accept_encoding, expected):
 @pytest.fixture
 def endpoint_served() -> Iterator[tuple[PrometheusEndpoint, MetricsPipeline, str]]:
     endpoint = PrometheusEndpoint()
-    pipeline = MetricsPipeline([endpoint.make_reader], Resource.create({}), on_published=[endpoint.render])
+    pipeline = MetricsPipeline(Resource.create({}), on_published=[endpoint.render])
     pipeline.publish(State(parse_kml(generate_feed(stations=20, seed=1).kml), FeedStatus(up=True)))
     server = endpoint.serve("127.0.0.1", 0)
     yield endpoint, pipeline, f"http://127.0.0.1:{server.port}"

@@ -12,9 +12,8 @@ import pytest
 from otlp_receivers import GrpcReceiver
 
 from chargy_exporter import __version__
-from chargy_exporter.config import Config, load_config
+from chargy_exporter.config import Config, OtlpSettings, load_config
 from chargy_exporter.otlp import OtlpPush
-from chargy_exporter.otlp_settings import OtlpSettings
 from chargy_exporter.resource import build_resource
 
 FEED = "https://feed.example/b2bev-external-services/resources/kml?API-KEY=secret-key-0123456789"
@@ -84,7 +83,7 @@ def test_the_instance_id_arrives_at_a_receiver_unchanged_after_a_restart(grpc_re
 
     def pushed_instance_id() -> str:
         push = OtlpPush(OtlpSettings(endpoint=grpc_receiver.endpoint, export_interval=math.inf))
-        pipeline = MetricsPipeline([push.make_reader], build_resource(config(), 9000))
+        pipeline = MetricsPipeline(build_resource(config(), 9000), readers=[push.make_reader])
         try:
             assert push.force_flush()
         finally:

@@ -15,7 +15,7 @@ from typing import Final
 from . import __version__
 from .config import Config, RedactingFilter, load_config
 from .feed import FeedClient
-from .metrics import MetricsPipeline, ReaderFactory
+from .metrics import MetricsPipeline
 from .otlp import OtlpPush
 from .page import render_status_page
 from .prometheus import PrometheusEndpoint
@@ -38,8 +38,8 @@ def setup_logging(config: Config) -> None:
     handler.addFilter(RedactingFilter(config.secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(config.log_level)
-    debugging = config.log_level == "DEBUG"
+    root.setLevel(config.log_level.upper())
+    debugging = config.log_level == "debug"
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.NOTSET if debugging else logging.ERROR)
     quiet_grpc_core(os.environ, debugging)
@@ -57,18 +57,15 @@ def quiet_grpc_core(environ: MutableMapping[str, str], debugging: bool) -> None:
 
 
 def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipeline:
-    """A MetricsPipeline with the readers OTEL_METRICS_EXPORTER / --metrics-exporter ask for."""
-    readers: list[ReaderFactory] = []
-    if "prometheus" in config.metrics_exporter.split(","):
-        readers.append(endpoint.make_reader)
+    """A MetricsPipeline with the outputs OTEL_METRICS_EXPORTER / --metrics-exporter ask for."""
+    prometheus = "prometheus" in config.metrics_exporter.split(",")
     push = OtlpPush(config.otlp) if config.otlp is not None else None
-    if push is not None:
-        readers.append(push.make_reader)
     pipeline = MetricsPipeline(
-        readers,
         build_resource(config, config.port),
-        on_published=[endpoint.render],
+        readers=[push.make_reader] if push is not None else [],
+        on_published=[endpoint.render] if prometheus else [],
         instruments=[push.register_instruments] if push is not None else [],
+        max_connectors=config.max_connectors,
     )
     if push is not None:
         push.attach(pipeline.notify)
@@ -78,7 +75,7 @@ def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipel
             push.settings.shown_endpoint,
             push.settings.export_interval,
         )
-    if not readers:
+    if not prometheus and push is None:
         # The HTTP server still answers /healthz (the container's HEALTHCHECK); /metrics is empty.
         log.warning("no metrics exporter enabled (OTEL_METRICS_EXPORTER=none): only /healthz is served")
     return pipeline
@@ -103,7 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return render_status_page(refresher.state if refresher is not None else State(), time.time())
 
     endpoint = PrometheusEndpoint(status_page)
-    pipeline = build_pipeline(config, endpoint)
+    try:
+        pipeline = build_pipeline(config, endpoint)
+    except Exception as error:  # the SDK refusing an OTEL_* variable it reads, e.g. a gRPC compression it lacks
+        log.debug("cannot build the metrics pipeline", exc_info=True)
+        sys.stderr.write(f"chargy-exporter: error: {error}\n")
+        return 2
     client = FeedClient(config)
     refresher = Refresher(config, client, pipeline.publish)
     try:

@@ -6,23 +6,31 @@ error counter and a message that never contains the API key.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
-from urllib3.util.retry import Retry
+from urllib3 import BaseHTTPResponse
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ReadTimeoutError, ResponseError
+from urllib3.util import Retry, Timeout
 
 from . import __version__
-from .config import Config
+from .config import Config, local_feed_path
+
+# Re-exported until metrics.py imports it from model, where the reason vocabulary lives.
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +38,11 @@ log = logging.getLogger(__name__)
 ACCEPT: Final = "application/vnd.google-earth.kml+xml, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.1"
 USER_AGENT: Final = f"chargy-exporter/{__version__}"
 _CHUNK: Final = 64 * 1024
-# The longest a server's Retry-After may hold one retry (urllib3 would otherwise sleep up to 6 hours); never more
-# than --fetch-timeout either. Longer waits are the refresher's job, which keeps serving the last good data.
+# The longest a server's Retry-After may hold one retry (urllib3 would otherwise sleep up to 6 hours); never past
+# the fetch's deadline either. Longer waits are the refresher's job, which keeps serving the last good data.
 RETRY_AFTER_CAP: Final = 10.0
-FEED_ERROR_REASONS: Final = (
-    "timeout",
-    "connection",
-    "http_5xx",
-    "http_status",
-    "unauthorized",
-    "http_redirect",
-    "broken_response",
-    "too_large",
-    "file",
-)
+# The shortest timeout urllib3 accepts is above 0: an attempt that starts at the deadline fails at once with it.
+_NO_TIME_LEFT: Final = 0.001
 
 
 class FeedError(Exception):
@@ -54,20 +53,80 @@ class FeedError(Exception):
         self.reason = reason
 
 
-class _CappedRetry(Retry):
-    """urllib3's Retry, with the server's Retry-After honoured only up to `retry_after_cap` seconds."""
+# ---- one deadline per fetch --------------------------------------------------------------------------------------
+#
+# --fetch-timeout bounds a whole fetch, retries included. urllib3 runs the attempts, their timeouts and the retries
+# on the fetching thread, so the fetch under way is thread-local state that each of the three reads:
+# - each attempt's connect and read timeouts are what remains until the deadline (`_DeadlineTimeout.clone`, which
+#   urllib3 calls once per attempt);
+# - no retry is made whose backoff or Retry-After wait would reach the deadline (`_DeadlineRetry`);
+# - a read timeout bounds each wait for data, not the whole: a server trickling its headers or body a byte at a
+#   time never trips it. A timer shuts down the sockets of the fetch's connections at the deadline (the only way
+#   to end a read blocked in another thread); the connections record themselves when they send a request, since
+#   neither requests nor urllib3 give the connection in use before the headers have arrived.
+_fetch = threading.local()
 
-    retry_after_cap: float = RETRY_AFTER_CAP
 
-    def new(self, **kwargs: Any) -> _CappedRetry:
-        # Retry makes a new instance after every attempt from its own parameters only: carry the cap over.
-        retry = super().new(**kwargs)
-        retry.retry_after_cap = self.retry_after_cap
+def _remaining() -> float:
+    return float(getattr(_fetch, "deadline", float("inf"))) - time.monotonic()
+
+
+class _DeadlineTimeout(Timeout):
+    def clone(self) -> Timeout:
+        return Timeout(total=max(_remaining(), _NO_TIME_LEFT))
+
+
+class _DeadlineRetry(Retry):
+    """urllib3's Retry, with a server's Retry-After honoured up to RETRY_AFTER_CAP, and no retry whose wait would
+    reach the deadline: the fetch then ends with what the last attempt got (a 503 stays `http_5xx`)."""
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> _DeadlineRetry:
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        wait = retry.get_retry_after(response) if response is not None else None
+        if (retry.get_backoff_time() if wait is None else wait) >= _remaining():
+            raise MaxRetryError(_pool, url, error or ResponseError("no time left for a retry")) from error  # type: ignore[arg-type]
         return retry
 
-    def get_retry_after(self, response: object) -> float | None:
-        seconds = super().get_retry_after(response)  # type: ignore[arg-type]
-        return None if seconds is None else min(seconds, self.retry_after_cap)
+    def get_retry_after(self, response: BaseHTTPResponse) -> float | None:
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, RETRY_AFTER_CAP)
+
+
+class _RecordedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        getattr(_fetch, "connections", []).append(self)
+        super().request(*args, **kwargs)
+
+
+class _RecordedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        getattr(_fetch, "connections", []).append(self)
+        super().request(*args, **kwargs)
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _RecordedHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _RecordedHTTPSConnection
+
+
+def _cut(connections: list[HTTPConnection], fired: threading.Event) -> None:
+    fired.set()
+    for connection in list(connections):
+        # socket.socket's own shutdown, also for TLS: SSLSocket.shutdown would drop its TLS state under the
+        # reading thread; the read then sees end-of-file, and urllib3/requests raise an error we recognise.
+        with contextlib.suppress(OSError, TypeError):  # already closed, or not connected (sock None)
+            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
 
 
 @dataclass(frozen=True)
@@ -89,23 +148,21 @@ class FetchResult:
 
 
 class FeedClient:
+    """Fetches the feed; one fetch at a time (the refresher's thread)."""
+
     def __init__(self, config: Config, retries: int = 2) -> None:
         self._config = config
         self._session = requests.Session()
         self._session.headers.update({"Accept": ACCEPT, "User-Agent": USER_AGENT, "Accept-Encoding": "gzip"})
-        retry = _CappedRetry(
+        retry = _DeadlineRetry(
             total=retries,
-            connect=retries,
-            read=retries,
-            status=retries,
             backoff_factor=0.5,
             status_forcelist=(429, 500, 502, 503, 504),
             allowed_methods=frozenset({"GET"}),
-            respect_retry_after_header=True,
             raise_on_status=False,
         )
-        retry.retry_after_cap = min(RETRY_AFTER_CAP, config.fetch_timeout)
         adapter = HTTPAdapter(max_retries=retry)
+        adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
@@ -121,39 +178,35 @@ class FeedClient:
     # ---- HTTP --------------------------------------------------------------------------------------------------
 
     def _fetch_http(self, url: str, validators: Validators) -> FetchResult:
-        timeout = self._config.fetch_timeout
         headers = {}
         if validators.etag:
             headers["If-None-Match"] = validators.etag
         if validators.last_modified:
             headers["If-Modified-Since"] = validators.last_modified
-        deadline = time.monotonic() + timeout
+        fired = threading.Event()
+        _fetch.deadline, _fetch.connections = time.monotonic() + self._config.fetch_timeout, []
+        watchdog = threading.Timer(self._config.fetch_timeout, _cut, (_fetch.connections, fired))
+        watchdog.daemon = True
+        watchdog.start()
         try:
+            # requests hands a urllib3 Timeout to urllib3 as it is (its types say float or tuple only).
+            timeout: Any = _DeadlineTimeout(total=self._config.fetch_timeout)
             with self._session.get(url, headers=headers, timeout=timeout, stream=True) as response:
                 self._check_status(response)
                 if response.status_code == 304:
                     return FetchResult(None, validators)
-                body = self._read_with_watchdog(response, deadline)
-                return FetchResult(
-                    body,
-                    Validators(response.headers.get("ETag"), response.headers.get("Last-Modified")),
-                )
+                body = self._read_capped(response)
+                if fired.is_set():  # cut after the last byte arrived, but before the deadline was checked
+                    raise requests.exceptions.Timeout()
+                etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+                return FetchResult(body, Validators(etag, modified))
         except FeedError:
             raise
-        except requests.exceptions.Timeout as error:
-            raise self._error("timeout", f"no answer within {timeout:g} s", error) from None
-        except requests.exceptions.RetryError as error:
-            raise self._error("http_5xx", "the feed kept answering with an error status", error) from None
-        except requests.exceptions.ConnectionError as error:
-            if _timed_out(error):
-                # Retries exhausted on read/connect timeouts: requests reports them as a ConnectionError.
-                raise self._error("timeout", f"no answer within {timeout:g} s", error) from None
-            raise self._error("connection", "cannot connect to the feed", error) from None
-        except requests.exceptions.TooManyRedirects as error:
-            raise self._error("http_redirect", "too many redirects", error) from None
         except requests.exceptions.RequestException as error:
-            # ChunkedEncodingError, ContentDecodingError: the answer broke off or was not what it said it was.
-            raise self._error("broken_response", "the answer was cut off or corrupt", error) from None
+            raise self._error(_reason(error, fired.is_set()), error) from None
+        finally:
+            watchdog.cancel()
+            del _fetch.deadline, _fetch.connections
 
     def _check_status(self, response: requests.Response) -> None:
         status = response.status_code
@@ -168,42 +221,7 @@ class FeedClient:
             raise FeedError("http_5xx", f"the feed answered HTTP {status}")
         raise FeedError("http_status", f"the feed answered HTTP {status}")
 
-    def _read_with_watchdog(self, response: requests.Response, deadline: float) -> bytes:
-        """`_read_capped`, with a timer that cuts the connection at the deadline.
-
-        A read blocks until a whole chunk has arrived, so a server trickling a byte at a time, each within the
-        socket timeout, would hold the refresh for hours: at the deadline the timer shuts the socket down.
-        """
-        fired = threading.Event()
-
-        def cut() -> None:
-            fired.set()
-            shutdown = getattr(response.raw, "shutdown", None)  # urllib3 >= 2.3
-            try:
-                if shutdown is not None:
-                    shutdown()
-            except (OSError, ValueError, RuntimeError):
-                pass
-
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            body = self._read_capped(response, deadline)
-        except requests.exceptions.RequestException:
-            if fired.is_set():
-                raise FeedError("timeout", self._download_too_slow()) from None
-            raise
-        finally:
-            watchdog.cancel()
-        if fired.is_set():
-            raise FeedError("timeout", self._download_too_slow())
-        return body
-
-    def _download_too_slow(self) -> str:
-        return f"the download took longer than {self._config.fetch_timeout:g} s"
-
-    def _read_capped(self, response: requests.Response, deadline: float) -> bytes:
+    def _read_capped(self, response: requests.Response) -> bytes:
         limit = self._config.max_feed_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit and "gzip" not in response.headers.get("Content-Encoding", ""):
@@ -215,20 +233,17 @@ class FeedClient:
             size += len(chunk)
             if size > limit:
                 raise FeedError("too_large", f"the feed is over the {limit}-byte limit (--max-feed-bytes)")
-            if time.monotonic() > deadline:
-                # A server trickling bytes never trips the socket timeout: bound the whole download.
-                raise FeedError("timeout", self._download_too_slow())
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _error(self, reason: str, summary: str, error: Exception) -> FeedError:
+    def _error(self, reason: str, error: Exception) -> FeedError:
+        summary = _SUMMARIES[reason].format(self._config.fetch_timeout)
         return FeedError(reason, self._config.redact(f"{summary}: {plain_cause(error)}"))
 
     # ---- files -------------------------------------------------------------------------------------------------
 
     def _read_file(self, url: str) -> bytes:
-        parts = urlsplit(url)
-        path = Path(unquote(parts.path) if parts.scheme == "file" else url)
+        path = local_feed_path(url) or Path(url)
         limit = self._config.max_feed_bytes
         try:
             with path.open("rb") as file:
@@ -276,8 +291,33 @@ def plain_cause(error: BaseException) -> str:
     return _POOL_PREFIX.sub("", " ".join(text.split())) or type(error).__name__
 
 
-def _timed_out(error: requests.exceptions.ConnectionError) -> bool:
+_SUMMARIES: Final = {
+    "timeout": "no complete answer within {:g} s",
+    "http_5xx": "the feed kept answering with an error status",
+    "connection": "cannot connect to the feed",
+    "http_redirect": "too many redirects",
+    "broken_response": "the answer was cut off or corrupt",
+}
+
+
+def _reason(error: requests.exceptions.RequestException, cut: bool) -> str:
+    """The error counter's label for what requests raised; `cut`: the watchdog fired during the fetch."""
     cause = error.args[0] if error.args else None
-    reason = getattr(cause, "reason", cause)
-    # urllib3's NewConnectionError (refused, unreachable) subclasses ConnectTimeoutError: not a timeout.
-    return isinstance(reason, (ReadTimeoutError, ConnectTimeoutError)) and not isinstance(reason, NewConnectionError)
+    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError keeps the last attempt's error there
+    if isinstance(cause, NewConnectionError):  # refused, unreachable (it subclasses ConnectTimeoutError)
+        return "connection"
+    # Retries exhausted on timeouts arrive as a ConnectionError.
+    if (
+        cut
+        or isinstance(error, requests.exceptions.Timeout)
+        or isinstance(cause, (ReadTimeoutError, ConnectTimeoutError))
+    ):
+        return "timeout"
+    if isinstance(error, requests.exceptions.RetryError):
+        return "http_5xx"
+    if isinstance(error, requests.exceptions.ConnectionError):
+        return "connection"
+    if isinstance(error, requests.exceptions.TooManyRedirects):
+        return "http_redirect"
+    # ChunkedEncodingError, ContentDecodingError: the answer broke off or was not what it said it was.
+    return "broken_response"

@@ -17,10 +17,10 @@ from xml.parsers.expat import ExpatError
 
 import xmltodict
 
-from .model import Connector, Device, Snapshot, Station
+# Re-exported until metrics.py imports them from model, where the reason vocabulary lives.
+from .model import MAX_CONNECTORS, Connector, Device, Snapshot, Station
 
 KML_NAMESPACE: Final = "http://www.opengis.net/kml/2.2"
-KML_ERROR_REASONS: Final = ("not_kml", "malformed_xml", "forbidden_xml", "empty_feed", "too_many_records")
 # Bounds on what one document may make the exporter hold (the byte cap alone does not bound it: 20 MiB of
 # `<x a="1"/>` is 2 million dicts; 20 MiB of minimal connector JSON is 500,000 connectors, ~8 GB of series).
 # The real feed has ~20,000 XML elements and attributes, ~1,700 connectors, device values of ~500 bytes; the limits
@@ -28,21 +28,11 @@ KML_ERROR_REASONS: Final = ("not_kml", "malformed_xml", "forbidden_xml", "empty_
 # is --max-connectors; the element budget grows with it (the real feed has ~12 elements and attributes a connector).
 MAX_XML_NODES: Final = 500_000
 XML_NODES_PER_CONNECTOR: Final = 25
-MAX_CONNECTORS: Final = 20_000
 MAX_DEVICE_JSON: Final = 64 * 1024
 # Only these elements and attributes are kept below the root while parsing; the rest is dropped as it is read.
 _KEPT: Final = frozenset(
     {"kml", "Document", "Placemark", "name", "address", "ExtendedData", "Data", "value", "Point", "coordinates"}
     | {"@name", "#text"}
-)
-SKIP_REASONS: Final = (
-    "malformed_device_json",
-    "invalid_device",
-    "invalid_connector",
-    "connector_without_name",
-    "connector_without_state",
-    "duplicate_connector",
-    "invalid_placemark",
 )
 
 
@@ -196,10 +186,8 @@ def _connector(raw: Any) -> Connector:
     state = raw.get("description")
     if not isinstance(state, str) or not state.strip():
         raise _Skipped("connector_without_state")
-    number = raw.get("connector")
     return Connector(
         name=name.strip(),
-        number=number if isinstance(number, int) and not isinstance(number, bool) else None,
         max_speed_kw=_kilowatts(raw.get("maxchspeed")),
         raw_state=state.strip(),
     )

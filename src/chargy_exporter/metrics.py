@@ -1,21 +1,20 @@
-"""OpenTelemetry instruments over the published `State`.
+"""OpenTelemetry instruments over the published `State`: one MeterProvider for the process.
 
 `MetricsPipeline.publish` turns a state into ready-made observations once per refresh; the observable gauges'
 callbacks only hand those lists to the SDK, so a collection does no parsing and no I/O.
 
-The SDK keeps every attribute set an asynchronous instrument has ever observed, and counts the stale ones
-against the cardinality limit. With connectors appearing, disappearing and changing state for months that would
-grow memory without bound and end in a silent `otel_metric_overflow` series. So the pipeline tracks the attribute
-sets it has handed out and, before stale ones can outnumber live ones, replaces the MeterProvider (and its
-readers) with a fresh one sized for the current feed: memory stays proportional to the feed, and the
-cardinality limit is always above what a collection can hold.
+The SDK keeps, per reader, every attribute set an asynchronous instrument has ever observed. A reader that
+lives for months of upstream churn (connectors renamed, states changing) would hold stale sets without end, so
+the Prometheus path never keeps one: each publish attaches a fresh reader, collects once and removes it
+(`attached`), and its storage holds exactly the current attribute sets. A pushing reader (OTLP) must live on;
+its cardinality limit is sized from `max_connectors`, so its stale sets are bounded (see README, Operations).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,18 +24,16 @@ from opentelemetry.sdk.metrics.export import CardinalityLimits, MetricReader
 from opentelemetry.sdk.resources import Resource
 
 from . import __version__
-from .feed import FEED_ERROR_REASONS
-from .kml import KML_ERROR_REASONS, SKIP_REASONS
-from .model import EMPTY_SNAPSHOT, SIMPLIFIED_STATES, Snapshot
+from .model import MAX_CONNECTORS, REFRESH_ERROR_REASONS, SIMPLIFIED_STATES, SKIP_REASONS, Snapshot
 from .status import State
 
-log = logging.getLogger(__name__)
-
 ReaderFactory = Callable[[CardinalityLimits], MetricReader]
-REFRESH_ERROR_REASONS: Final = (*FEED_ERROR_REASONS, *KML_ERROR_REASONS, "internal")
 
-# Attribute sets a provider may accumulate before it is replaced: twice the live ones, plus room for small feeds.
+# Room above the series a collection holds (self-metrics, a few stations more than connectors...).
 _SLACK: Final = 1024
+# Attribute sets a long-lived reader may accumulate per connector: its three simplified states, plus its
+# detailed-state series for as many raw states as it is ever seen in.
+_SETS_PER_CONNECTOR: Final = 8
 
 
 @dataclass(frozen=True)
@@ -46,8 +43,6 @@ class _SnapshotObservations:
     connector_state: list[Observation]
     detailed_state: list[Observation]
     station_info: list[Observation]
-    # Identity of each attribute set above, for the stale-set bookkeeping.
-    keys: frozenset[tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,6 @@ def _coordinate(value: float | None) -> str:
 def observe_snapshot(snapshot: Snapshot) -> _SnapshotObservations:
     connector_state: list[Observation] = []
     detailed_state: list[Observation] = []
-    keys: set[tuple[str, ...]] = set()
     for row in snapshot.rows():
         connector = row.connector
         labels = {
@@ -80,18 +74,19 @@ def observe_snapshot(snapshot: Snapshot) -> _SnapshotObservations:
                 Observation(1 if simplified == current else 0, {**labels, "chargy_connector_state": simplified})
             )
         detailed_state.append(Observation(1, {**labels, "state": connector.raw_state}))
-        keys.add((connector.name, row.device.name, row.station.name, connector.speed, connector.raw_state))
-
-    station_info = []
-    for station in snapshot.stations:
-        latitude, longitude = _coordinate(station.latitude), _coordinate(station.longitude)
-        station_info.append(
-            Observation(
-                1, {"station": station.name, "address": station.address, "latitude": latitude, "longitude": longitude}
-            )
+    station_info = [
+        Observation(
+            1,
+            {
+                "station": station.name,
+                "address": station.address,
+                "latitude": _coordinate(station.latitude),
+                "longitude": _coordinate(station.longitude),
+            },
         )
-        keys.add(("station", station.name, station.address, latitude, longitude))
-    return _SnapshotObservations(connector_state, detailed_state, station_info, frozenset(keys))
+        for station in snapshot.stations
+    ]
+    return _SnapshotObservations(connector_state, detailed_state, station_info)
 
 
 def observe_status(state: State) -> dict[str, list[Observation]]:
@@ -113,76 +108,70 @@ def observe_status(state: State) -> dict[str, list[Observation]]:
     }
 
 
-class _Generation:
-    """What the instruments of one MeterProvider report. A replaced provider's generation reports nothing more:
-    its readers may still collect once while shutting down (the OTLP reader's last export), and the current
-    observations could exceed the cardinality limits that provider was built with."""
-
-    def __init__(self, observations: _Observations) -> None:
-        self.observations = observations
-
-    def retire(self) -> None:
-        self.observations = _Observations(observe_snapshot(EMPTY_SNAPSHOT), {key: [] for key in self.observations.feed})
+def _limits(series: int) -> CardinalityLimits:
+    return {ObservableGauge: series + _SLACK, ObservableCounter: series + _SLACK}
 
 
 class MetricsPipeline:
-    """Owns the MeterProvider, its instruments and readers, and the observations they report."""
+    """The process' MeterProvider, its instruments, and the observations they report.
+
+    `readers` are long-lived (OTLP push), made once; `on_published` hooks run after every publish and may
+    collect through a reader of their own, attached for that collection only (the Prometheus endpoint).
+    """
 
     def __init__(
         self,
-        reader_factories: Sequence[ReaderFactory],
         resource: Resource,
-        on_published: Sequence[Callable[[], None]] = (),
+        *,
+        readers: Sequence[ReaderFactory] = (),
+        on_published: Sequence[Callable[[MetricsPipeline], None]] = (),
         instruments: Sequence[Callable[[Meter], None]] = (),
+        max_connectors: int = MAX_CONNECTORS,
     ) -> None:
-        self._reader_factories = tuple(reader_factories)
-        # More instruments (e.g. the OTLP exporter's error counter), registered on every provider built.
-        self._more_instruments = tuple(instruments)
-        self._resource = resource
-        self._on_published = list(on_published)
+        self._on_published = tuple(on_published)
         self._lock = threading.RLock()
-        self._current_snapshot = EMPTY_SNAPSHOT
-        self._seen: set[tuple[str, ...]] = set()
-        self._capacity = 0
-        self._provider: MeterProvider | None = None
-        self._generation: _Generation | None = None
-        self._rebuilds = -1
-        self._rebuild(_Observations(observe_snapshot(EMPTY_SNAPSHOT), observe_status(State())))
+        self._current_snapshot: Snapshot | None = None
+        self._observations = _Observations(observe_snapshot(Snapshot(())), observe_status(State()))
+        long_lived = _limits(_SETS_PER_CONNECTOR * max_connectors)
+        self._provider: MeterProvider | None = MeterProvider(
+            metric_readers=[factory(long_lived) for factory in readers], resource=resource, shutdown_on_exit=False
+        )
+        meter = self._provider.get_meter("chargy_exporter", __version__)
+        self._register_instruments(meter)
+        for register in instruments:
+            register(meter)
         self.notify()  # outputs show feed_up 0 and no connector data until the first refresh
 
     @property
-    def capacity(self) -> int:
-        """How many distinct attribute sets the current provider may see before it is replaced."""
-        return self._capacity
+    def limits(self) -> CardinalityLimits:
+        """Cardinality limits for a reader that collects the current observations once."""
+        snapshot = self._observations.snapshot
+        return _limits(max(len(snapshot.connector_state), len(snapshot.station_info)))
 
-    @property
-    def rebuilds(self) -> int:
-        return self._rebuilds
+    @contextmanager
+    def attached(self, reader: MetricReader) -> Iterator[None]:
+        """`reader` reads the provider while inside: its storage starts empty and goes with it."""
+        provider = self._provider
+        if provider is None:
+            raise RuntimeError("the pipeline is shut down")
+        provider.add_metric_reader(reader)
+        try:
+            yield
+        finally:
+            provider.remove_metric_reader(reader)  # also shuts the reader down
 
     def publish(self, state: State) -> None:
         """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up."""
         # A failed refresh or a 304 publishes the same snapshot again: only the feed's status changed.
-        # Only the refresh thread publishes: the generation read here is still current under the lock below.
-        generation = self._generation
-        assert generation is not None
         same = state.snapshot is self._current_snapshot
-        observations = _Observations(
-            generation.observations.snapshot if same else observe_snapshot(state.snapshot), observe_status(state)
-        )
+        snapshot = self._observations.snapshot if same else observe_snapshot(state.snapshot)
         with self._lock:
-            keys = observations.snapshot.keys
-            seen = self._seen | keys
-            if len(seen) > self._capacity:
-                self._rebuild(observations)
-                seen = set(keys)
-            else:
-                generation.observations = observations
-            self._seen = seen
+            self._observations = _Observations(snapshot, observe_status(state))  # one swap: readers see it whole
             self._current_snapshot = state.snapshot
             self.notify()
 
     def notify(self) -> None:
-        """Run the published hooks after a self-metric changed outside a refresh (an OTLP export failed).
+        """Run the published hooks, also after a self-metric changed outside a refresh (an OTLP export failed).
 
         Never waits: it runs on the OTLP reader's export thread, which a shutdown (holding the lock) may be
         joining; and while a publish holds the lock, that publish renders what changed anyway.
@@ -192,7 +181,7 @@ class MetricsPipeline:
         try:
             if self._provider is not None:
                 for hook in self._on_published:
-                    hook()
+                    hook(self)
         finally:
             self._lock.release()
 
@@ -202,39 +191,11 @@ class MetricsPipeline:
                 self._provider.shutdown(timeout_millis=timeout_millis)
                 self._provider = None
 
-    # ---- provider lifecycle ------------------------------------------------------------------------------------
-
-    def _rebuild(self, observations: _Observations) -> None:
-        """A new provider, sized for `observations`, reports them from now on."""
-        old, old_generation = self._provider, self._generation
-        self._capacity = 2 * len(observations.snapshot.keys) + _SLACK
-        # chargy_connector_state holds three points per attribute-set key: the limit stays above any collection.
-        limit = 3 * self._capacity + _SLACK
-        limits: CardinalityLimits = {ObservableGauge: limit, ObservableCounter: limit}
-        provider = MeterProvider(
-            metric_readers=[factory(limits) for factory in self._reader_factories],
-            resource=self._resource,
-            shutdown_on_exit=False,
-        )
-        self._generation = _Generation(observations)
-        self._register_instruments(provider, self._generation)
-        self._provider = provider
-        self._rebuilds += 1
-        if old is not None and old_generation is not None:
-            old_generation.retire()
-            log.debug("replaced the meter provider to drop stale series (capacity now %d)", self._capacity)
-            # In the background: an OTLP reader's last export must not hold up the refresh that asked for this.
-            threading.Thread(
-                target=old.shutdown, kwargs={"timeout_millis": 5_000}, name="old-provider-shutdown", daemon=True
-            ).start()
-
-    def _register_instruments(self, provider: MeterProvider, generation: _Generation) -> None:
-        meter = provider.get_meter("chargy_exporter", __version__)
-
+    def _register_instruments(self, meter: Meter) -> None:
         def current(
             select: Callable[[_Observations], list[Observation]],
         ) -> Callable[[CallbackOptions], list[Observation]]:
-            return lambda _options: select(generation.observations)
+            return lambda _options: select(self._observations)
 
         def feed(key: str) -> Callable[[CallbackOptions], list[Observation]]:
             return current(lambda observations: observations.feed[key])
@@ -284,5 +245,3 @@ class MetricsPipeline:
         meter.create_observable_gauge(
             "chargy_connectors", [feed("connectors")], description="Connectors in the served data"
         )
-        for register in self._more_instruments:
-            register(meter)

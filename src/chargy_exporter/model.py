@@ -1,4 +1,4 @@
-"""The station → device → connector model built from one feed, and the state vocabulary.
+"""The station → device → connector model built from one feed, and its vocabulary: states, error and skip reasons.
 
 A `Snapshot` is immutable once built: the refresh builds a new one and swaps it in whole, so every
 reader sees either the old or the new feed, never a mix.
@@ -18,6 +18,33 @@ UNAVAILABLE: Final = "unavailable"
 
 # The order of the three series a connector exports.
 SIMPLIFIED_STATES: Final = (AVAILABLE, CHARGING, UNAVAILABLE)
+# Connectors a feed may have before it is refused (--max-connectors' default): about 12 times today's network.
+MAX_CONNECTORS: Final = 20_000
+
+# Labels of chargy_feed_refresh_errors_total: why a fetch (feed.py) or a parse (kml.py) failed, or neither.
+FEED_ERROR_REASONS: Final = (
+    "timeout",
+    "connection",
+    "http_5xx",
+    "http_status",
+    "unauthorized",
+    "http_redirect",
+    "broken_response",
+    "too_large",
+    "file",
+)
+KML_ERROR_REASONS: Final = ("not_kml", "malformed_xml", "forbidden_xml", "empty_feed", "too_many_records")
+REFRESH_ERROR_REASONS: Final = (*FEED_ERROR_REASONS, *KML_ERROR_REASONS, "internal")
+# Labels of chargy_feed_skipped_records_total: why kml.py dropped a record of an otherwise good feed.
+SKIP_REASONS: Final = (
+    "malformed_device_json",
+    "invalid_device",
+    "invalid_connector",
+    "connector_without_name",
+    "connector_without_state",
+    "duplicate_connector",
+    "invalid_placemark",
+)
 
 # Raw (OCPP-like) upstream states; anything not listed here is unknown and counts as unavailable.
 RAW_STATE_MAP: Final = MappingProxyType(
@@ -55,7 +82,6 @@ def format_speed(kilowatts: float | None) -> str:
 @dataclass(frozen=True, slots=True)
 class Connector:
     name: str
-    number: int | None
     max_speed_kw: float | None
     raw_state: str
 

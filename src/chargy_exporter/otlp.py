@@ -33,7 +33,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 
-from .otlp_settings import GRPC, OtlpSettings, grpc_target
+from .config import GRPC, OtlpSettings
 
 log = logging.getLogger(__name__)
 
@@ -121,28 +121,23 @@ class _Watched(MetricExporter):
 
 def make_sdk_exporter(settings: OtlpSettings, report: Report) -> MetricExporter:
     """The SDK's OTLP exporter for `settings`; `report` hears the outcome of every export. grpc is imported only
-    here, for the gRPC protocol."""
+    here, for the gRPC protocol. What is not given here (the endpoint unless --otlp-endpoint, headers,
+    compression, TLS, temporality) the exporter reads from its OTEL_EXPORTER_OTLP_* variables itself."""
     for name in SDK_EXPORTER_LOGGERS:
         logging.getLogger(name).addFilter(_LOWER_TO_DEBUG)  # once: a filter is added only if not there yet
     if settings.protocol == GRPC:
-        from grpc import Compression as GrpcCompression
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
         class WatchedGrpcExporter(_Watched, GrpcExporter):
             pass
 
-        target, secure = grpc_target(settings.endpoint, settings.insecure)
         return WatchedGrpcExporter(
             report,
             None,
-            endpoint=target,
-            insecure=not secure,
-            headers=settings.headers,
+            endpoint=settings.endpoint,
             timeout=settings.timeout,
-            compression=GrpcCompression.Gzip if settings.compression == "gzip" else GrpcCompression.NoCompression,
             max_export_batch_size=MAX_POINTS_PER_REQUEST,
         )
-    from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
     class WatchedHttpExporter(_Watched, HttpExporter):
@@ -153,10 +148,7 @@ def make_sdk_exporter(settings: OtlpSettings, report: Report) -> MetricExporter:
         report,
         session,
         endpoint=settings.endpoint,
-        certificate_file=settings.certificate,
-        headers=dict(settings.headers),
         timeout=settings.timeout,
-        compression=HttpCompression.Gzip if settings.compression == "gzip" else HttpCompression.NoCompression,
         session=session,
         max_export_batch_size=MAX_POINTS_PER_REQUEST,
     )
@@ -165,7 +157,7 @@ def make_sdk_exporter(settings: OtlpSettings, report: Report) -> MetricExporter:
 class OtlpPush:
     """The OTLP output of a MetricsPipeline: a reader factory, its self-metric, and the failure bookkeeping.
 
-    Wiring: `MetricsPipeline([..., push.make_reader], resource, instruments=[push.register_instruments])`,
+    Wiring: `MetricsPipeline(resource, readers=[push.make_reader], instruments=[push.register_instruments])`,
     then `push.attach(pipeline.notify)` so that the Prometheus exposition shows a new error count. `notify` is
     called on the exporting thread, also while the pipeline shuts the reader down: it must not wait for the
     pipeline's lock or render there.
