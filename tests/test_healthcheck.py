@@ -20,12 +20,18 @@ SECRET = "hc-secret-5f0e9a"
 SECRET_URL = f"http://127.0.0.1:9/kml?API-KEY={SECRET}"
 
 
+def write_process(directory: Path, cmdline: bytes, environ: bytes = b"") -> Path:
+    """A /proc/PID-like directory with these raw cmdline and environ contents."""
+    directory.mkdir(parents=True)
+    (directory / "cmdline").write_bytes(cmdline)
+    (directory / "environ").write_bytes(environ)
+    return directory
+
+
 def fake_process(directory: Path, argv: Sequence[str], environ: dict[str, str] | None = None) -> Path:
     """A /proc/PID-like directory: NUL-separated cmdline and environ, as the kernel writes them."""
-    directory.mkdir(parents=True)
-    (directory / "cmdline").write_bytes(b"".join(word.encode() + b"\0" for word in argv))
-    (directory / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in (environ or {}).items()))
-    return directory
+    cmdline = b"".join(word.encode() + b"\0" for word in argv)
+    return write_process(directory, cmdline, b"".join(f"{k}={v}".encode() + b"\0" for k, v in (environ or {}).items()))
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,22 +59,29 @@ def run_module(*args: str) -> subprocess.CompletedProcess[str]:
         (b"/sbin/docker-init\0--\0chargy-exporter\0--demo\0", ["--demo"]),
     ],
 )
-def test_exporter_arguments_follow_the_script_or_module(cmdline: bytes, expected: list[str]) -> None:
-    assert healthcheck.exporter_arguments(cmdline) == expected
+def test_exporter_arguments_follow_the_script_or_module(tmp_path: Path, cmdline: bytes, expected: list[str]) -> None:
+    assert healthcheck.read_process(write_process(tmp_path / "1", cmdline))[0] == expected
 
 
 @pytest.mark.parametrize(
     "cmdline",
-    [b"/bin/sh\0-c\0sleep 1\0", b"python\0-m\0chargy_exporter.healthcheck\0", b"chargy-exporter-healthcheck\0", b""],
+    [
+        b"/bin/sh\0-c\0sleep 1\0",
+        b"python\0-m\0chargy_exporter.healthcheck\0",
+        b"chargy-exporter-healthcheck\0",
+        b"chargy_exporter\0--demo\0-m\0",
+        b"",
+    ],
 )
-def test_other_programs_are_not_the_exporter(cmdline: bytes) -> None:
-    with pytest.raises(healthcheck.NotTheExporter):
-        healthcheck.exporter_arguments(cmdline)
+def test_other_programs_are_not_the_exporter(tmp_path: Path, cmdline: bytes) -> None:
+    with pytest.raises(ProcessLookupError):
+        healthcheck.read_process(write_process(tmp_path / "1", cmdline))
 
 
-def test_environ_keeps_values_with_equal_signs() -> None:
-    data = b"KML_URL=http://h/k?API-KEY=a=b\0EMPTY=\0PATH=/bin\0"
-    assert healthcheck.parse_environ(data) == {"KML_URL": "http://h/k?API-KEY=a=b", "EMPTY": "", "PATH": "/bin"}
+def test_environ_keeps_values_with_equal_signs(tmp_path: Path) -> None:
+    data = b"KML_URL=http://h/k?API-KEY=a=b\0EMPTY=\0PATH=/bin\0=nameless\0"
+    environ = healthcheck.read_process(write_process(tmp_path / "1", b"chargy-exporter\0", data))[1]
+    assert environ == {"KML_URL": "http://h/k?API-KEY=a=b", "EMPTY": "", "PATH": "/bin"}
 
 
 # ---- where to ask ------------------------------------------------------------------------------------------------
@@ -155,7 +168,7 @@ def test_a_configuration_that_does_not_parse_is_unhealthy_without_the_key(tmp_pa
 
 def test_not_the_exporter_is_unhealthy(tmp_path: Path) -> None:
     process_dir = fake_process(tmp_path / "1", ["/bin/sleep", "infinity"])
-    assert healthcheck.check(process_dir) == (False, "not the exporter: /bin/sleep infinity")
+    assert healthcheck.check(process_dir) == (False, f"{process_dir}: not the exporter: /bin/sleep infinity")
     assert healthcheck.check(tmp_path / "404")[0] is False
 
 

@@ -19,12 +19,12 @@ from test_prometheus import CLOSED_SET, hostile_requests, scrape_all
 
 from chargy_exporter.kml import parse_kml
 from chargy_exporter.metrics import MetricsPipeline
-from chargy_exporter.prometheus import MetricsServer, PrometheusEndpoint, ServerLimits
+from chargy_exporter.prometheus import THREADS, MetricsServer, PrometheusEndpoint
 from chargy_exporter.status import FeedStatus, State
 
 # Short enough for a test to wait for, long enough that a scrape on a loaded machine finishes well within it.
 TIMEOUT = 3
-LIMITS = ServerLimits(channel_timeout=TIMEOUT, cleanup_interval=1)
+CLEANUP_INTERVAL = 1  # how often the server looks for idle connections (seconds)
 
 
 @dataclass
@@ -39,12 +39,12 @@ class Served:
         return f"http://127.0.0.1:{self.server.port}"
 
 
-def serve(stations: int, limits: ServerLimits = LIMITS, host: str = "127.0.0.1") -> Served:
+def serve(stations: int, idle_timeout: int = TIMEOUT, host: str = "127.0.0.1") -> Served:
     threads_before = threading.active_count()
     endpoint = PrometheusEndpoint()
     pipeline = MetricsPipeline(Resource.create({}), on_published=[endpoint.render])
     pipeline.publish(State(parse_kml(generate_feed(stations=stations, seed=3).kml), FeedStatus(up=True)))
-    return Served(endpoint, pipeline, endpoint.serve(host, 0, limits), threads_before)
+    return Served(endpoint, pipeline, endpoint.serve(host, 0, idle_timeout), threads_before)
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def close_all(sockets: list[socket.socket]) -> None:
 )
 def test_a_thousand_idle_or_stalled_connections_take_no_thread_and_are_closed_after_the_timeout(served, first_bytes):
     workers = threading.active_count() - served.threads_before  # the event loop and the worker pool
-    assert workers <= LIMITS.threads + 1
+    assert workers <= THREADS + 1
     sockets = connect_many(served.server.port, 1000, first_bytes)
     try:
         started = time.monotonic()
@@ -123,7 +123,7 @@ def test_a_thousand_idle_or_stalled_connections_take_no_thread_and_are_closed_af
         assert time.monotonic() - started < TIMEOUT and all(still_open(sock) for sock in sockets[::50])
         assert threading.active_count() - served.threads_before == workers
         # Then the server closes them, about TIMEOUT (+ cleanup_interval) after their last activity.
-        closed = wait_all_closed_by_server(sockets, time.monotonic() + TIMEOUT + LIMITS.cleanup_interval + 20)
+        closed = wait_all_closed_by_server(sockets, time.monotonic() + TIMEOUT + CLEANUP_INTERVAL + 20)
         assert closed == len(sockets)
     finally:
         close_all(sockets)
@@ -149,7 +149,7 @@ def test_clients_that_do_not_read_take_no_thread(served):
 
 
 def test_shutdown_is_quick_and_complete_with_connections_open():
-    served = serve(20, ServerLimits(channel_timeout=60))
+    served = serve(20, idle_timeout=60)
     port = served.server.port
     sockets = connect_many(port, 100) + connect_many(port, 100, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
     assert http_get(served.base + "/metrics")[0] == 200

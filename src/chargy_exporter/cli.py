@@ -6,10 +6,8 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import MutableMapping, Sequence
-from types import FrameType
 from typing import Final
 
 from . import __version__
@@ -25,20 +23,17 @@ from .status import State
 
 log = logging.getLogger("chargy_exporter")
 
-# Libraries whose own messages repeat, less clearly, what our one line per failure already says (urllib3's
-# "Retrying (_CappedRetry(...)) after connection broken by ..." on every try; gRPC's connection chatter).
-# Below --log-level debug only their errors show.
+# Their messages repeat, less clearly, our one line per failure (urllib3's "Retrying ..." on every try, gRPC's
+# connection chatter): below --log-level debug only their errors show.
 CHATTY_LIBRARIES: Final = ("urllib3", "grpc")
 
 
 def setup_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # On the handler, so that records of every library (urllib3 logs full URLs) pass through it.
     handler.addFilter(RedactingFilter(config.secrets))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level.upper())
+    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(format=line, level=config.log_level.upper(), handlers=[handler], force=True)
     debugging = config.log_level == "debug"
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.NOTSET if debugging else logging.ERROR)
@@ -46,13 +41,8 @@ def setup_logging(config: Config) -> None:
 
 
 def quiet_grpc_core(environ: MutableMapping[str, str], debugging: bool) -> None:
-    """Keep gRPC's C core (it logs to stderr itself, through absl, not through Python's logging) quiet.
-
-    By default it prints INFO lines ("Got goaway", "Handshake failed ...") that otlp.py already reports, on one
-    line, as a failed push. It reads GRPC_VERBOSITY when grpc initializes, so this must run before grpc is
-    imported (only the OTLP gRPC exporter imports it, after the configuration is loaded). What the user set wins;
-    GRPC_TRACE (no tracers unless set) is theirs to set.
-    """
+    """Quiet gRPC's C core: it writes to stderr itself ("Handshake failed": otlp.py reports the failed push).
+    It reads GRPC_VERBOSITY when grpc is imported (only by the OTLP gRPC exporter, after this). The user's wins."""
     environ.setdefault("GRPC_VERBOSITY", "INFO" if debugging else "NONE")
 
 
@@ -84,22 +74,11 @@ def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipel
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
     setup_logging(config)
-
-    stopping = threading.Event()
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-
-    refresher: Refresher | None = None
-
-    def status_page() -> bytes:
-        return render_status_page(refresher.state if refresher is not None else State(), time.time())
-
-    endpoint = PrometheusEndpoint(status_page)
+    # Blocked before any thread starts, so that every thread leaves them to the sigwait() below.
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    refresher: Refresher | None = None  # until there is one, the status page shows an empty state
+    endpoint = PrometheusEndpoint(lambda: render_status_page(refresher.state if refresher else State(), time.time()))
     try:
         pipeline = build_pipeline(config, endpoint)
     except Exception as error:  # the SDK refusing an OTEL_* variable it reads, e.g. a gRPC compression it lacks
@@ -123,10 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.redacted_url,
         config.refresh_interval,
     )
-    # SIGHUP: refresh now rather than at the end of the interval (also what the tests use instead of waiting).
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: refresher.refresh_now())
     refresher.start()
-    stopping.wait()
+    while (signum := signal.sigwait(handled)) == signal.SIGHUP:
+        refresher.refresh_now()  # rather than at the end of the interval (also what the tests use instead of waiting)
+    log.info("received %s, shutting down", signal.Signals(signum).name)
 
     server.shutdown()
     refresher.stop(timeout=2)

@@ -1,10 +1,8 @@
 """Command-line flags and environment variables → one validated, immutable `Config`.
 
-Each option is declared once, in `build_parser`, with the environment variable(s) it falls back to; the flag
-wins. The OTLP exporters of the SDK read their own `OTEL_EXPORTER_OTLP_*` variables (endpoint, headers,
-compression, TLS, temporality): only what the SDK does not decide in code is an option here. The URL's API key
-and the OTLP header values are secrets: `redact` removes them from any text before it is logged or shown.
-"""
+Each option is declared once, in `build_parser`, with the environment variable(s) it falls back to; the flag wins.
+The SDK's OTLP exporter reads its other `OTEL_EXPORTER_OTLP_*` variables itself. The API key and OTLP header values
+are secrets."""
 
 from __future__ import annotations
 
@@ -13,12 +11,11 @@ import logging
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
-from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from . import __version__
 
@@ -26,16 +23,12 @@ PUBLIC_FEED_URL: Final = (
     "https://my.chargy.lu/b2bev-external-services/resources/kml?API-KEY=486ac6e4-93b8-4369-9c6a-28f7c4e1a81f"
 )
 DEMO_FEED_PATH: Final = Path(__file__).parent / "data" / "sample-feed.kml"
-REDACTED: Final = "REDACTED"
 GRPC: Final = "grpc"
 HTTP_PROTOBUF: Final = "http/protobuf"
-# What requests.utils.requote_uri leaves unquoted.
-_REQUOTE_SAFE: Final = "!#$%&'()*+,/:;=?@[]~"
 # Query parameters whose value is a credential, compared case-insensitively.
 _SECRET_PARAMETERS: Final = re.compile(r"^(api[-_]?key|key|token|access[-_]?token|secret|password)$", re.IGNORECASE)
-# A shorter header value (or part of one) is not a credential, and redacting it would blank out ordinary text.
+# A shorter header value (or word of one) is not a credential, and redacting it would blank out ordinary text.
 _MIN_SECRET_LENGTH: Final = 6
-HEADER_VARIABLES: Final = ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
 SDK_VARIABLES: Final = """\
 Read by the OpenTelemetry SDK itself (OTLP push; _METRICS_ variants win over the generic ones):
   OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT     receiver when --otlp-endpoint is not given (default
@@ -66,13 +59,18 @@ class OtlpSettings:
 
     @property
     def shown_endpoint(self) -> str:
-        """The receiver, for logs: without userinfo, query or fragment. The SDK keeps the endpoint it resolved
-        to itself, so when we do not give one this follows its rules on the same variables."""
-        endpoint = self.endpoint or _environment_endpoint(self.protocol, os.environ)
-        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
-        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else f"{host}{port}{parts.path}"
+        """The receiver, for logs, without userinfo, query or fragment. Without ours, the one the SDK resolves
+        from the standard variables (it does not tell), by the OTLP exporter specification's rules."""
+        endpoint = self.endpoint or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        if not endpoint:
+            base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            if self.protocol == GRPC:
+                endpoint = base or "http://localhost:4317"
+            else:
+                endpoint = f"{(base or 'http://localhost:4318').rstrip('/')}/v1/metrics"
+        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")  # gRPC's host:port
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=host, query="", fragment="").geturl().removeprefix("//")
 
 
 @dataclass(frozen=True)
@@ -107,44 +105,33 @@ class Config:
         """The OTLP push settings, None when otlp is not among the exporters."""
         if "otlp" not in self.metrics_exporter.split(","):
             return None
-        return OtlpSettings(
-            self.otlp_protocol,
-            self.otlp_endpoint,
-            self.otlp_timeout / 1000,
-            self.otlp_export_interval / 1000,
-            self.otlp_export_timeout / 1000,
-        )
-
-
-# ---- secrets --------------------------------------------------------------------------------------------------
+        seconds = [ms / 1000 for ms in (self.otlp_timeout, self.otlp_export_interval, self.otlp_export_timeout)]
+        return OtlpSettings(self.otlp_protocol, self.otlp_endpoint, *seconds)
 
 
 def url_secrets(url: str) -> tuple[str, ...]:
-    """The credential values carried by a URL: secret query parameters and a userinfo password."""
+    """The credentials of a URL (secret query parameters, the userinfo password) in every form a log may show:
+    as written, decoded, as requests re-quotes it (urllib3 logs that form) and fully quoted."""
     parts = urlsplit(url)
-    found = [value for name, value in parse_qsl(parts.query, keep_blank_values=False) if _SECRET_PARAMETERS.match(name)]
-    # Also as written in the URL and as requests re-quotes it (urllib3 logs that form): "a%2Fb", "a+b", "a b".
+    found = [parts.password or "", unquote(parts.password or "")]
     for pair in parts.query.split("&"):
         name, _, raw = pair.partition("=")
         if raw and _SECRET_PARAMETERS.match(unquote_plus(name)):
-            found.extend((raw, quote(raw, safe=_REQUOTE_SAFE), quote(unquote_plus(raw), safe="")))
-    if parts.password:
-        found.extend((parts.password, unquote(parts.password)))
+            value = unquote_plus(raw)
+            found += [raw, value, quote(raw, safe="!#$%&'()*+,/:;=?@[]~"), quote(value, safe="")]
     return _longest_first(found)
 
 
-def header_secrets(environ: Mapping[str, str]) -> tuple[str, ...]:
+def header_secrets(environ: Mapping[str, str]) -> list[str]:
     """The OTLP header values the SDK will send, as written and decoded, and their words (`Bearer <token>`).
-
-    From the raw variables rather than from a parse: the SDK logs an entry it cannot parse, value included.
-    """
+    From the raw variables rather than from a parse: the SDK logs an entry it cannot parse, value included."""
     found: list[str] = []
-    for name in HEADER_VARIABLES:
+    for name in ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
         for entry in environ.get(name, "").split(","):
-            key, equals, value = entry.partition("=")
-            for text in {value if equals else key, unquote(value if equals else key)}:
-                found.extend(part for part in (text.strip(), *text.split()) if len(part) >= _MIN_SECRET_LENGTH)
-    return _longest_first(found)
+            value = entry.partition("=")[2] if "=" in entry else entry
+            for text in (value, unquote(value)):
+                found += [part for part in (text.strip(), *text.split()) if len(part) >= _MIN_SECRET_LENGTH]
+    return found
 
 
 def _longest_first(secrets: Sequence[str]) -> tuple[str, ...]:
@@ -154,7 +141,7 @@ def _longest_first(secrets: Sequence[str]) -> tuple[str, ...]:
 
 def redact_text(text: str, secrets: Sequence[str]) -> str:
     for secret in secrets:
-        text = text.replace(secret, REDACTED)
+        text = text.replace(secret, "REDACTED")
     return text
 
 
@@ -171,116 +158,76 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self._secrets:
-            message = record.getMessage()
-            redacted = redact_text(message, self._secrets)
-            if redacted != message or record.exc_info:
-                record.msg, record.args = redacted, None
-            if record.exc_info:
-                # The formatted traceback can carry the URL too: format it now, and redact it below.
+            record.msg, record.args = redact_text(record.getMessage(), self._secrets), None
+            if record.exc_info:  # the traceback can carry the URL too: format it now, to redact it below
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
                 record.exc_info = None
-            # Also when another handler formatted it first: formatters reuse exc_text as it is.
-            if record.exc_text:
+            if record.exc_text:  # also when another handler formatted it first: formatters reuse it as it is
                 record.exc_text = redact_text(record.exc_text, self._secrets)
             if record.stack_info:
                 record.stack_info = redact_text(record.stack_info, self._secrets)
         return True
 
 
-# ---- feed location --------------------------------------------------------------------------------------------
+def local_feed_path(url: str) -> Path:
+    """The file a `file://` URL or a plain path names."""
+    parts = urlsplit(url)
+    return Path(unquote(parts.path)) if parts.scheme == "file" else Path(url)
 
 
-def local_feed_path(url: str) -> Path | None:
-    """The file a `file://` URL or a plain path names; None for http(s)."""
+def _kml_url(text: str) -> str:
+    """An http(s) URL, or a file readable now: a typo in a path is a config error, not a refresh failing forever
+    (one that disappears later fails refreshes, the last good data kept). Errors never show the URL: it has the key."""
+    url = text.strip()
     parts = urlsplit(url)
     if parts.scheme in ("http", "https"):
-        return None
-    return Path(unquote(parts.path) if parts.scheme == "file" else url)
-
-
-def check_feed_file(url: str) -> None:
-    """A feed file must be readable at startup: a typo in a path is a config error, not a refresh failing forever.
-
-    A file that disappears later is a refresh error (`file`); the last good data is kept.
-    """
+        if not parts.hostname:
+            raise argparse.ArgumentTypeError("an http(s) URL needs a host")
+        return url
+    if not (parts.scheme in ("file", "") or len(parts.scheme) == 1):  # "C:" is a Windows drive
+        raise argparse.ArgumentTypeError(f"unsupported URL scheme {parts.scheme!r} (use http, https, file or a path)")
     path = local_feed_path(url)
-    if path is None:
-        return
     try:
         with path.open("rb"):
-            pass
+            return url
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot read the feed file {path}: {error.strerror or error}") from None
 
 
-def _environment_endpoint(protocol: str, environ: Mapping[str, str]) -> str:
-    """The endpoint the SDK exporter resolves from the OTLP variables (OTLP exporter specification)."""
-    if specific := environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
-        return specific
-    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if protocol == GRPC:
-        return base or "http://localhost:4317"
-    return f"{(base or 'http://localhost:4318').rstrip('/')}/v1/metrics"
+def _number(low: float, high: float, unit: str, parse: Callable[[str], float] = float) -> Callable[[str], float]:
+    """A number of `unit` from `low` to `high`, read by `parse` (int for whole numbers)."""
 
-
-# ---- value types: each raises ArgumentTypeError with the reason, which argparse shows as is -------------------
-
-
-def _kml_url(value: str) -> str:
-    # The message never repeats the value: it may carry the API key.
-    value = value.strip()
-    parts = urlsplit(value)
-    if parts.scheme in ("http", "https"):
-        if not parts.hostname:
-            raise argparse.ArgumentTypeError("an http(s) URL needs a host")
-    elif not (parts.scheme in ("file", "") or len(parts.scheme) == 1):  # "C:" is a Windows drive
-        raise argparse.ArgumentTypeError(f"unsupported URL scheme {parts.scheme!r} (use http, https, file or a path)")
-    if not value:
-        raise argparse.ArgumentTypeError("empty")
-    return value
-
-
-def _number(low: float, high: float, unit: str, whole: bool = False) -> Callable[[str], Any]:
-    """A number of `unit` within [low, high]; with `whole`, an int, and KiB/MiB/GiB suffixes for bytes."""
-
-    def convert(text: str) -> float | int:
-        match = re.fullmatch(r"\s*([^\skKmMgG]+)\s*(?:([kKmMgG])i?[bB]?)?\s*", text) if unit == " bytes" else None
-        multiplier = 1024 ** " kmg".index(match.group(2).lower()) if match and match.group(2) else 1
+    def convert(text: str) -> float:
         try:
-            number = (int if whole else float)(match.group(1) if match else text) * multiplier
+            number = parse(text)
         except ValueError:
             number = math.nan
         if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"must be from {_plain(low)} to {_plain(high)}{unit}, not {text!r}")
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}{unit}, not {text!r}")
         return number
 
     return convert
 
 
-def _plain(value: object) -> str:
-    """300.0 → "300", 0.1 → "0.1", 1073741824 → "1073741824": numbers as one would type them."""
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else f"{value:g}"
-    return str(value)
+def _bytes(text: str) -> int:
+    """A byte count, possibly with a binary suffix: 512K, 5MiB, 1 GB."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:([kmg])i?b?)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(text)
+    return int(match[1]) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[(match[2] or "").lower()]
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
+def _choice(*allowed: str, many: bool = False) -> Callable[[str], str]:
+    """One of `allowed`, in any case; with `many`, a comma list of them without duplicates, or "none" alone."""
+
     def convert(text: str) -> str:
-        value = text.strip().lower()
-        if value not in allowed:
-            hint = " (http/json is not supported)" if value == "http/json" else ""
-            raise argparse.ArgumentTypeError(f"must be one of {', '.join(allowed)}{hint}, not {text!r}")
-        return value
+        names = dict.fromkeys(name.strip().lower() for name in (text.split(",") if many else [text]) if name.strip())
+        if not names or not set(allowed).issuperset(names) or ("none" in names and len(names) > 1):
+            listed = f"{', '.join(allowed)}{' (comma-separated)' if many else ''}"
+            raise argparse.ArgumentTypeError(f"must be one of {listed}, not {text!r}")
+        return ",".join(names)
 
     return convert
-
-
-def _exporters(text: str) -> str:
-    names = list(dict.fromkeys(name.strip().lower() for name in text.split(",") if name.strip()))
-    unknown = [name for name in names if name not in ("prometheus", "otlp", "none")]
-    if unknown or not names or ("none" in names and len(names) > 1):
-        raise argparse.ArgumentTypeError(f"must be prometheus, otlp (comma-separated) or none, not {text!r}")
-    return ",".join(names)
 
 
 def _boolean(text: str) -> bool:
@@ -291,23 +238,19 @@ def _boolean(text: str) -> bool:
 
 
 def _otlp_endpoint(endpoint: str, protocol: str) -> str:
-    """--otlp-endpoint checked for the protocol; for http/protobuf, a URL without path gets /v1/metrics."""
+    """An http(s) URL, or host:port for gRPC; for http/protobuf, a URL without path gets /v1/metrics."""
     parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
     try:
         port = parts.port
     except ValueError:
         raise argparse.ArgumentTypeError("invalid port") from None
-    if parts.scheme not in ("http", "https") and (parts.scheme or protocol == HTTP_PROTOBUF):
+    host_port = protocol == GRPC and not parts.scheme and port
+    if not parts.hostname or not (parts.scheme in ("http", "https") or host_port):
         need = "an http:// or https:// URL" + (" or host:port" if protocol == GRPC else "")
         raise argparse.ArgumentTypeError(f"must be {need} for {protocol}")
-    if not parts.hostname or (not parts.scheme and not port):
-        raise argparse.ArgumentTypeError("needs a host, and a port unless it is a URL")
     if protocol == HTTP_PROTOBUF and parts.path in ("", "/"):
         return f"{endpoint.rstrip('/')}/v1/metrics"  # a bare collector address: the usual path
     return endpoint
-
-
-# ---- the options ----------------------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -320,22 +263,20 @@ class _Parser(argparse.ArgumentParser):
             "OpenTelemetry metrics. Each option can also be set by the environment variable shown;\nthe flag wins.",
             epilog=SDK_VARIABLES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            argument_default=argparse.SUPPRESS,  # a flag not given is absent: the environment, then Config, decide
         )
         self.environment: dict[str, tuple[argparse.Action, tuple[str, ...]]] = {}
 
     def option(self, flag: str, variables: str, convert: Callable[[str], Any] | None, metavar: str, text: str) -> None:
-        """`flag`, falling back to the space-separated `variables` (the first set wins), then to Config's default."""
+        """`flag`, else the first of `variables` set, else Config's default; without `convert`, a switch."""
         dest = flag.removeprefix("--").replace("-", "_")
         default = getattr(Config(), dest)
-        shown = "off" if default is False else "none" if default is None else redact_url(_plain(default))
-        switch = {"action": "store_const", "const": True} if convert is None else {"type": convert, "metavar": metavar}
-        action = self.add_argument(
-            flag,
-            default=None,  # None: not given; load_config then looks at the environment, then at Config's default
-            help=f"{text} [{' or '.join(variables.split())}; default: {shown}]".replace("%", "%%"),
-            **switch,  # type: ignore[arg-type]
-        )
-        self.environment[dest] = (action, tuple(variables.split()))
+        if isinstance(default, float):
+            default = f"{default:g}"  # 300.0 as 300
+        shown = "off" if default is False else "none" if default is None else redact_url(str(default))
+        kind = {"action": "store_true"} if convert is None else {"type": convert, "metavar": metavar}
+        described = f"{text} [{' or '.join(variables.split())}; default: {shown}]".replace("%", "%%")
+        self.environment[dest] = (self.add_argument(flag, help=described, **kind), tuple(variables.split()))
 
     def error(self, message: str) -> NoReturn:
         # One line naming the option ("argument --port: ..." → "--port: ..."), exit code 2, no usage block.
@@ -345,28 +286,27 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> _Parser:
     parser = _Parser()
     option = parser.option
+    seconds, ms = " seconds", " milliseconds"
     option("--kml-url", "KML_URL", _kml_url, "URL", "feed to read: http(s) URL, file:// URL or path")
     option("--demo", "CHARGY_DEMO", None, "", "serve the bundled sample feed instead (no internet needed)")
     option("--host", "OTEL_EXPORTER_PROMETHEUS_HOST", str.strip, "ADDR", "address of /metrics, / and /healthz")
-    option("--port", "OTEL_EXPORTER_PROMETHEUS_PORT", _number(1, 65535, "", True), "PORT", "their port")
-    seconds = " seconds"
+    option("--port", "OTEL_EXPORTER_PROMETHEUS_PORT", _number(1, 65535, "", int), "PORT", "their port")
     option("--refresh-interval", "CHARGY_REFRESH_INTERVAL", _number(1, 86_400, seconds), "SECONDS",
            "seconds between feed refreshes; the upstream is asked at most once per interval")  # fmt: skip
     option("--fetch-timeout", "CHARGY_FETCH_TIMEOUT", _number(0.1, 300, seconds), "SECONDS",
            "seconds one fetch may take in all, retries included")  # fmt: skip
-    option("--max-feed-bytes", "CHARGY_MAX_FEED_BYTES", _number(1024, 1024**3, " bytes", True), "BYTES",
+    option("--max-feed-bytes", "CHARGY_MAX_FEED_BYTES", _number(1024, 1024**3, " bytes", _bytes), "BYTES",
            "largest feed accepted, decompressed (bytes, or with KiB/MiB/GiB)")  # fmt: skip
-    option("--max-connectors", "CHARGY_MAX_CONNECTORS", _number(1, 1_000_000, " connectors", True), "N",
+    option("--max-connectors", "CHARGY_MAX_CONNECTORS", _number(1, 1_000_000, " connectors", int), "N",
            "largest number of connectors accepted (memory grows ~16 KB per connector)")  # fmt: skip
     levels = ("debug", "info", "warning", "error", "critical")
     option("--log-level", "CHARGY_LOG_LEVEL", _choice(*levels), "LEVEL", ", ".join(levels))
-    option("--metrics-exporter", "OTEL_METRICS_EXPORTER", _exporters, "LIST",
+    option("--metrics-exporter", "OTEL_METRICS_EXPORTER", _choice("prometheus", "otlp", "none", many=True), "LIST",
            "comma list: prometheus (the /metrics endpoint), otlp (push); or none")  # fmt: skip
     option("--otlp-endpoint", "CHARGY_OTLP_ENDPOINT", str.strip, "URL",
            "OTLP receiver; enables otlp (http/protobuf: a URL without path gets /v1/metrics)")  # fmt: skip
     option("--otlp-protocol", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL OTEL_EXPORTER_OTLP_PROTOCOL",
            _choice(GRPC, HTTP_PROTOBUF), "PROTOCOL", "grpc or http/protobuf")  # fmt: skip
-    ms = " milliseconds"
     option("--otlp-timeout", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT OTEL_EXPORTER_OTLP_TIMEOUT",
            _number(100, 600_000, ms), "MS", "milliseconds one OTLP request may take")  # fmt: skip
     option("--otlp-export-interval", "OTEL_METRIC_EXPORT_INTERVAL", _number(100, 86_400_000, ms), "MS",
@@ -382,31 +322,28 @@ _OTLP_ONLY: Final = ("otlp_protocol", "otlp_timeout", "otlp_export_interval", "o
 
 
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Parse flags and environment into a Config; a bad value exits with status 2 and a one-line error."""
+    """Parse flags (sys.argv by default) and environment into a Config; a bad value exits with status 2 and a
+    one-line error naming the option, and the variable it came from."""
     environ = os.environ if environ is None else environ
     parser = build_parser()
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}  # how each option was given, as error messages name it
+    values: dict[str, Any] = vars(parser.parse_args(argv))  # the flags given, converted by argparse
+    sources = {dest: action.option_strings[0] for dest, (action, _) in parser.environment.items()}
 
-    def resolve(dest: str) -> None:
-        action, variables = parser.environment[dest]
-        flag, values[dest] = action.option_strings[0], args[dest]
-        sources[dest] = flag
-        given = next(((name, environ[name]) for name in variables if environ.get(name, "").strip()), None)
-        if values[dest] is None and given is not None:
-            sources[dest] = f"{flag} (from {given[0]})"
-            try:
-                # Every option has a type but the --demo switch, whose variable is a boolean.
-                convert: Callable[[str], Any] = action.type or _boolean  # type: ignore[assignment]
-                values[dest] = convert(given[1])
-            except argparse.ArgumentTypeError as error:
-                parser.error(f"{sources[dest]}: {error}")
-        if values[dest] is None:
-            del values[dest]
+    def check(dest: str, convert: Callable[..., Any], *args: str) -> Any:
+        try:
+            return convert(*args)
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"{sources[dest]}: {error}")
 
-    for dest in [dest for dest in parser.environment if dest not in _OTLP_ONLY]:
-        resolve(dest)
+    def from_environment(dests: Sequence[str]) -> None:
+        for dest in dests:
+            action, variables = parser.environment[dest]
+            name = next((name for name in variables if environ.get(name, "").strip()), None)
+            if dest not in values and name is not None:
+                sources[dest] += f" (from {name})"
+                values[dest] = check(dest, action.type or _boolean, environ[name])  # type: ignore[arg-type]
+
+    from_environment([dest for dest in parser.environment if dest not in _OTLP_ONLY])
     if values.get("demo"):
         if "kml_url" in values:
             # Serving the sample while the user believes they watch their feed would be worse than stopping.
@@ -421,17 +358,10 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     values["metrics_exporter"] = ",".join(exporters) or "none"
     secrets = [*url_secrets(values.get("kml_url", PUBLIC_FEED_URL))]
     if "otlp" in exporters:
-        for dest in _OTLP_ONLY:
-            resolve(dest)
+        from_environment(_OTLP_ONLY)
         secrets += header_secrets(environ)
-    try:
-        check_feed_file(values.get("kml_url", PUBLIC_FEED_URL))
-    except argparse.ArgumentTypeError as error:
-        parser.error(f"{sources['kml_url']}: {error}")
     if "otlp_endpoint" in values:
-        try:
-            values["otlp_endpoint"] = _otlp_endpoint(values["otlp_endpoint"], values.get("otlp_protocol", GRPC))
-        except argparse.ArgumentTypeError as error:
-            parser.error(f"{sources['otlp_endpoint']}: {error}")
+        protocol = values.get("otlp_protocol", GRPC)
+        values["otlp_endpoint"] = check("otlp_endpoint", _otlp_endpoint, values["otlp_endpoint"], protocol)
         secrets += url_secrets(values["otlp_endpoint"])
     return Config(**values, secrets=_longest_first(secrets))

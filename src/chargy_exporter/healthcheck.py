@@ -1,133 +1,70 @@
-"""`python -m chargy_exporter.healthcheck`: the container's HEALTHCHECK, exit 0 when the exporter answers /healthz.
-
-The port and address can be set by a flag (`docker run IMAGE --port 9100`) as well as by the environment, so the
-check reads the exporter's own command line and environment (/proc/1 in a container, where the exporter is PID 1)
-and resolves them with the exporter's own parser: the check asks exactly where the exporter listens.
-"""
+"""`python -m chargy_exporter.healthcheck`, the image's HEALTHCHECK: exit 0 when the exporter answers /healthz.
+It asks where the exporter listens: its flags and environment, read from /proc, through the exporter's own parser."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Final
 
 from .config import load_config
 
-PROC: Final = Path("/proc")
-SCRIPT_NAME: Final = "chargy-exporter"
-MODULE_NAME: Final = "chargy_exporter"
-TIMEOUT_SECONDS: Final = 3.0  # below the Dockerfile's HEALTHCHECK --timeout
-# Addresses that mean "every interface": the check connects to the loopback of the same family instead.
-_WILDCARDS: Final = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
-
-
-class NotTheExporter(LookupError):
-    pass
-
-
-def exporter_arguments(cmdline: bytes) -> list[str]:
-    """The exporter's own arguments in a /proc/PID/cmdline (NUL-separated), after its script or `-m` module."""
-    words = [word.decode("utf-8", "surrogateescape") for word in cmdline.split(b"\0")]
-    if words and words[-1] == "":
-        words.pop()  # the terminating NUL
-    for index, word in enumerate(words):
-        # A console script runs as `python /path/chargy-exporter ARGS` (the kernel adds the shebang's interpreter).
-        if PurePosixPath(word).name == SCRIPT_NAME:
-            return words[index + 1 :]
-        if word == "-m" and words[index + 1 : index + 2] == [MODULE_NAME]:
-            return words[index + 2 :]
-    raise NotTheExporter(" ".join(words[:2]) or "(no command line)")
-
-
-def parse_environ(data: bytes) -> dict[str, str]:
-    """A /proc/PID/environ (NUL-separated NAME=value) as a dict."""
-    environ: dict[str, str] = {}
-    for entry in data.split(b"\0"):
-        name, sep, value = entry.decode("utf-8", "surrogateescape").partition("=")
-        if sep and name:
-            environ[name] = value
-    return environ
+TIMEOUT_SECONDS = 3.0  # below the Dockerfile's HEALTHCHECK --timeout
 
 
 def read_process(process_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The exporter's arguments and environment from a /proc/PID directory; NotTheExporter if it runs something else."""
-    arguments = exporter_arguments((process_dir / "cmdline").read_bytes())
-    return arguments, parse_environ((process_dir / "environ").read_bytes())
+    """The exporter's arguments and environment from its /proc/PID; ProcessLookupError if that runs something else."""
+    words = (process_dir / "cmdline").read_bytes().removesuffix(b"\0").decode("utf-8", "surrogateescape").split("\0")
+    for index, word in enumerate(words):
+        # After the console script (the kernel puts the shebang's interpreter first) or `-m chargy_exporter`.
+        if PurePosixPath(word).name == "chargy-exporter" or words[index - 1 : index + 1] == ["-m", "chargy_exporter"]:
+            environ = (process_dir / "environ").read_bytes().decode("utf-8", "surrogateescape").split("\0")
+            entries = (entry.partition("=") for entry in environ)
+            return words[index + 1 :], {name: value for name, sep, value in entries if name and sep}
+    raise ProcessLookupError(f"not the exporter: {' '.join(words[:2]) or '(no command line)'}")
 
 
-def _processes(proc: Path) -> list[Path]:
-    """The /proc/PID directories, PID 1 first, then by PID."""
-    pids = [int(entry.name) for entry in proc.iterdir() if entry.name.isdigit()]
-    return [proc / str(pid) for pid in sorted(pids, key=lambda pid: (pid != 1, pid))]
-
-
-def find_exporter(proc: Path = PROC) -> tuple[list[str], dict[str, str]]:
-    """PID 1 (the image's ENTRYPOINT); with an init in front of it (`docker run --init`), the first exporter found."""
-    for candidate in _processes(proc):
-        try:
-            return read_process(candidate)
-        except (NotTheExporter, OSError):  # another program, gone, or not readable
-            continue
-    raise NotTheExporter(f"no chargy-exporter process in {proc}")
+def find_exporter(proc: Path) -> tuple[list[str], dict[str, str]]:
+    """PID 1 (the image's ENTRYPOINT), else the first exporter by PID (behind an init: `docker run --init`)."""
+    for pid in sorted(int(entry.name) for entry in proc.iterdir() if entry.name.isdigit()):
+        with contextlib.suppress(OSError):  # another program, gone, or not readable
+            return read_process(proc / str(pid))
+    raise ProcessLookupError("no chargy-exporter process")
 
 
 def health_url(arguments: Sequence[str], environ: Mapping[str, str]) -> str:
-    """Where the exporter's /healthz is, from its arguments and environment as the exporter itself reads them."""
     config = load_config(list(arguments), environ)
-    host = _WILDCARDS.get(config.host, config.host)
+    # An address meaning every interface: ask the loopback of the same family.
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(config.host, config.host)
     if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 address in a URL
+        host = f"[{host}]"
     return f"http://{host}:{config.port}/healthz"
 
 
-def probe(url: str, timeout: float = TIMEOUT_SECONDS) -> str | None:
-    """None when the URL answers 200, else what went wrong."""
-    # No proxy: an HTTP_PROXY set for the feed must not send the loopback check through the proxy.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def check(
+    process_dir: Path | None = None, timeout: float = TIMEOUT_SECONDS, proc: Path = Path("/proc")
+) -> tuple[bool, str]:
+    """(healthy, one line saying why) for the exporter running as process_dir, by default the one found in proc."""
     try:
-        with opener.open(url, timeout=timeout) as response:
-            status = int(response.status)
-    except urllib.error.HTTPError as error:
-        status = error.code
-    except (OSError, ValueError) as error:
-        return f"{url}: {error}"
-    return None if status == 200 else f"{url} answered {status}"
-
-
-def check(process_dir: Path | None = None, timeout: float = TIMEOUT_SECONDS, proc: Path = PROC) -> tuple[bool, str]:
-    """(healthy, one line saying why) for the exporter running as process_dir, by default the one under proc."""
-    try:
-        arguments, environ = find_exporter(proc) if process_dir is None else read_process(process_dir)
-    except NotTheExporter as error:
-        return False, f"not the exporter: {error}"
+        url = health_url(*(read_process(process_dir) if process_dir else find_exporter(proc)))
     except OSError as error:
-        return False, f"cannot read {process_dir or proc}: {error.strerror or error}"
-    try:
-        url = health_url(arguments, environ)
-    except SystemExit:
-        # load_config has printed its (redacted) one-line error; the exporter could not have started with it.
+        return False, f"{process_dir or proc}: {error.strerror or error}"
+    except SystemExit:  # load_config printed its (redacted) error: the exporter could not have started with it
         return False, "the exporter's configuration does not parse"
-    problem = probe(url, timeout)
-    return (True, f"{url} answered 200") if problem is None else (False, problem)
+    try:  # without proxies: an HTTP_PROXY set for the feed is not for this loopback request
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout) as response:
+            return response.status == 200, f"{url} answered {response.status}"
+    except (OSError, ValueError) as error:  # an answer other than 2xx included (HTTPError)
+        return False, f"{url}: {error}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m chargy_exporter.healthcheck",
-        description="Exit 0 when the chargy-exporter of this container answers /healthz, 1 otherwise.",
-    )
-    parser.add_argument(
-        "--process",
-        type=Path,
-        metavar="DIR",
-        help="the exporter's /proc/PID directory (default: PID 1, the container's main process, else the first "
-        "chargy-exporter process found)",
-    )
-    parser.add_argument("--timeout", type=float, default=TIMEOUT_SECONDS, metavar="SECONDS")
+    parser = argparse.ArgumentParser(prog="python -m chargy_exporter.healthcheck", description=__doc__)
+    parser.add_argument("--process", type=Path, help="the exporter's /proc/PID (default: PID 1, else the first found)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_SECONDS)
     args = parser.parse_args(argv)
     healthy, detail = check(args.process, args.timeout)
     print(("healthy: " if healthy else "unhealthy: ") + detail, file=sys.stdout if healthy else sys.stderr)

@@ -1,12 +1,13 @@
 """Parse the Chargy KML document into a `Snapshot`.
 
-The document is untrusted: entity declarations (billion laughs, XXE) are refused by the XML parser, and every
-field below `Placemark` is checked for shape. One bad device or connector is skipped and counted; only a
-document that is not a usable KML feed at all raises `KmlError`.
+The document is untrusted: XML entity declarations (billion laughs, XXE) are refused and every field below
+`Placemark` is checked for shape. A bad device or connector is skipped and counted; only a document that is not a
+usable feed at all raises `KmlError`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -17,15 +18,12 @@ from xml.parsers.expat import ExpatError
 
 import xmltodict
 
-# Re-exported until metrics.py imports them from model, where the reason vocabulary lives.
 from .model import MAX_CONNECTORS, Connector, Device, Snapshot, Station
 
 KML_NAMESPACE: Final = "http://www.opengis.net/kml/2.2"
-# Bounds on what one document may make the exporter hold (the byte cap alone does not bound it: 20 MiB of
-# `<x a="1"/>` is 2 million dicts; 20 MiB of minimal connector JSON is 500,000 connectors, ~8 GB of series).
-# The real feed has ~20,000 XML elements and attributes, ~1,700 connectors, device values of ~500 bytes; the limits
-# leave room for a network ten times larger (a feed at the connector limit peaks near 430 MB). The connector limit
-# is --max-connectors; the element budget grows with it (the real feed has ~12 elements and attributes a connector).
+# What one document may make the exporter hold: the byte cap alone does not bound it (20 MiB of `<x a="1"/>` is
+# 2 million dicts). The real feed has ~20,000 elements and attributes (~12 a connector) and device values of ~500
+# bytes: ten times that fits. The element budget grows with --max-connectors.
 MAX_XML_NODES: Final = 500_000
 XML_NODES_PER_CONNECTOR: Final = 25
 MAX_DEVICE_JSON: Final = 64 * 1024
@@ -44,14 +42,8 @@ class KmlError(Exception):
         self.reason = reason
 
 
-class _TooManyNodes(Exception):
-    pass
-
-
 class _Skipped(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    """A record dropped from an otherwise good feed; its one argument is the reason (one of SKIP_REASONS)."""
 
 
 def parse_kml(document: bytes, max_connectors: int = MAX_CONNECTORS) -> Snapshot:
@@ -61,9 +53,7 @@ def parse_kml(document: bytes, max_connectors: int = MAX_CONNECTORS) -> Snapshot
     if not isinstance(kml, dict):
         found = next(iter(root), "nothing")
         raise KmlError("not_kml", f"the document is not KML (root element: {found!r})")
-    kml_document = kml.get("Document")
-    if kml_document is None:
-        kml_document = {}
+    kml_document = kml.get("Document") or {}
     if not isinstance(kml_document, dict):
         raise KmlError("not_kml", "the KML has no usable <Document>")
 
@@ -83,14 +73,12 @@ def parse_kml(document: bytes, max_connectors: int = MAX_CONNECTORS) -> Snapshot
 
 
 def _parse_xml(document: bytes, max_nodes: int) -> dict[str, Any]:
-    budget = max_nodes
+    nodes = itertools.count(1)
 
     def keep_what_is_used(path: list[Any], key: str, value: Any) -> tuple[str, Any] | None:
         # Called for every element and attribute as it is read: count them, drop what the feed model never reads.
-        nonlocal budget
-        budget -= 1
-        if budget < 0:
-            raise _TooManyNodes
+        if next(nodes) > max_nodes:
+            raise KmlError("too_many_records", f"the document has over {max_nodes} XML elements, refused")
         return (key, value) if key in _KEPT or len(path) <= 1 else None
 
     try:
@@ -102,19 +90,12 @@ def _parse_xml(document: bytes, max_nodes: int) -> dict[str, Any]:
             disable_entities=True,
             postprocessor=keep_what_is_used,
         )
-    except _TooManyNodes:
-        raise KmlError("too_many_records", f"the document has over {max_nodes} XML elements, refused") from None
-    except (LookupError, UnicodeError) as error:
-        # The XML declaration names an encoding Python does not know, or one that is not a text encoding.
-        raise KmlError("malformed_xml", f"the document's encoding cannot be read ({error})") from None
-    except ValueError as error:
-        # xmltodict raises ValueError("entities are disabled") on any <!ENTITY> declaration; pyexpat raises
-        # ValueError("multi-byte encodings are not supported") for a declared encoding such as utf-32.
-        if "entities" not in str(error):
-            raise KmlError("malformed_xml", f"the document cannot be read ({error})") from None
-        raise KmlError("forbidden_xml", f"the document declares XML entities, which are refused ({error})") from None
-    except ExpatError as error:
-        raise KmlError("malformed_xml", f"the document is not well-formed XML ({error})") from None
+    except (ExpatError, ValueError, LookupError) as error:
+        # xmltodict raises ValueError("entities are disabled") on any <!ENTITY>; an unreadable declared encoding
+        # is a LookupError, a UnicodeError or pyexpat's ValueError("multi-byte encodings are not supported").
+        if isinstance(error, ValueError) and "entities" in str(error):
+            raise KmlError("forbidden_xml", f"the document declares XML entities, refused ({error})") from None
+        raise KmlError("malformed_xml", f"the document cannot be read as XML ({error})") from None
     if not isinstance(parsed, dict) or not parsed:
         raise KmlError("malformed_xml", "the document is empty")
     return parsed
@@ -133,14 +114,8 @@ def _station(
         try:
             devices.append(_device(data.get("value"), skipped, seen_connectors, max_connectors))
         except _Skipped as skip:
-            skipped[skip.reason] += 1
-    return Station(
-        name=_text(placemark.get("name")),
-        address=_text(placemark.get("address")),
-        latitude=latitude,
-        longitude=longitude,
-        devices=tuple(devices),
-    )
+            skipped[skip.args[0]] += 1
+    return Station(_text(placemark.get("name")), _text(placemark.get("address")), latitude, longitude, tuple(devices))
 
 
 def _device(value: Any, skipped: Counter[str], seen_connectors: set[str], max_connectors: int) -> Device:
@@ -154,17 +129,15 @@ def _device(value: Any, skipped: Counter[str], seen_connectors: set[str], max_co
         raise _Skipped("malformed_device_json") from None
     if not isinstance(device, dict):
         raise _Skipped("invalid_device")
-    name = device.get("name")
-    connectors = device.get("connectors")
+    name, connectors = device.get("name"), device.get("connectors")
     if not isinstance(name, str) or not name.strip() or not isinstance(connectors, list):
         raise _Skipped("invalid_device")
-
     parsed = []
     for raw in connectors:
         try:
             connector = _connector(raw)
         except _Skipped as skip:
-            skipped[skip.reason] += 1
+            skipped[skip.args[0]] += 1
             continue
         if connector.name in seen_connectors:
             # Two series with the same identity would be merged by the SDK; keep the first, say so.
@@ -186,11 +159,7 @@ def _connector(raw: Any) -> Connector:
     state = raw.get("description")
     if not isinstance(state, str) or not state.strip():
         raise _Skipped("connector_without_state")
-    return Connector(
-        name=name.strip(),
-        max_speed_kw=_kilowatts(raw.get("maxchspeed")),
-        raw_state=state.strip(),
-    )
+    return Connector(name=name.strip(), max_speed_kw=_kilowatts(raw.get("maxchspeed")), raw_state=state.strip())
 
 
 def _kilowatts(value: Any) -> float | None:
@@ -206,21 +175,18 @@ def _kilowatts(value: Any) -> float | None:
 
 def _coordinates(point: Any) -> tuple[float | None, float | None]:
     """KML writes "lon,lat[,alt]"; returns (latitude, longitude), or Nones when absent or out of range."""
-    if not isinstance(point, dict):
-        return None, None
-    parts = _text(point.get("coordinates")).split(",")
+    parts = _text(point.get("coordinates")).split(",") if isinstance(point, dict) else []
     try:
         longitude, latitude = float(parts[0]), float(parts[1])
     except (IndexError, ValueError):
         return None, None
-    if not (-90 <= latitude <= 90 and -180 <= longitude <= 180):
-        return None, None
-    return latitude, longitude
+    if -90 <= latitude <= 90 and -180 <= longitude <= 180:
+        return latitude, longitude
+    return None, None
 
 
 def _text(node: Any) -> str:
-    if isinstance(node, str):
-        return node.strip()
-    if isinstance(node, dict) and isinstance(node.get("#text"), str):
-        return str(node["#text"]).strip()
-    return ""
+    """An element's text, whether xmltodict gave it as a string or, with attributes, under "#text"."""
+    if isinstance(node, dict):
+        node = node.get("#text")
+    return node.strip() if isinstance(node, str) else ""

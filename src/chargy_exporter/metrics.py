@@ -13,9 +13,8 @@ its cardinality limit is sized from `max_connectors`, so its stale sets are boun
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Final
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -36,75 +35,72 @@ _SLACK: Final = 1024
 _SETS_PER_CONNECTOR: Final = 8
 
 
-@dataclass(frozen=True)
-class _SnapshotObservations:
-    """What the connector and station instruments report for one snapshot, built once per snapshot."""
-
-    connector_state: list[Observation]
-    detailed_state: list[Observation]
-    station_info: list[Observation]
-
-
-@dataclass(frozen=True)
-class _Observations:
-    """Everything the callbacks return for one published state."""
-
-    snapshot: _SnapshotObservations
-    feed: dict[str, list[Observation]]
+# Instruments: (name, counter or gauge, unit, description). Callbacks hand over the lists a publish built.
+_INSTRUMENTS: Final = (
+    ("chargy_connector_state", "gauge", "",
+     "Simplified connector state: 1 for the current one of available|charging|unavailable, else 0"),
+    ("chargy_connector_detailed_state_info", "gauge", "", "Raw upstream connector state (OCPP-like), always 1"),
+    ("chargy_station_info", "gauge", "", "Station address and coordinates (WGS84), always 1"),
+    ("chargy_feed_up", "gauge", "", "1 if the last feed refresh succeeded, else 0"),
+    ("chargy_feed_last_success_timestamp_seconds", "gauge", "s", "Unix time of the last successful feed refresh"),
+    ("chargy_feed_refresh_duration_seconds", "gauge", "s", "Duration of the last feed refresh (fetch and parse)"),
+    ("chargy_feed_refresh_errors", "counter", "", "Failed feed refreshes, by reason"),
+    ("chargy_feed_skipped_records", "counter", "",
+     "Feed records skipped while parsing (bad device JSON, connector without state...), by reason"),
+    ("chargy_stations", "gauge", "", "Stations in the served data"),
+    ("chargy_devices", "gauge", "", "Devices in the served data"),
+    ("chargy_connectors", "gauge", "", "Connectors in the served data"),
+)  # fmt: skip
+Observations = dict[str, list[Observation]]
 
 
 def _coordinate(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-def observe_snapshot(snapshot: Snapshot) -> _SnapshotObservations:
+def observe_snapshot(snapshot: Snapshot) -> Observations:
+    """The connector and station series of a snapshot: built once per snapshot."""
     connector_state: list[Observation] = []
     detailed_state: list[Observation] = []
     for row in snapshot.rows():
         connector = row.connector
-        labels = {
-            "connector": connector.name,
-            "device": row.device.name,
-            "station": row.station.name,
-            "speed": connector.speed,
-        }
-        current = connector.state
+        labels = {"connector": connector.name, "device": row.device.name, "station": row.station.name,
+                  "speed": connector.speed}  # fmt: skip
         for simplified in SIMPLIFIED_STATES:
-            connector_state.append(
-                Observation(1 if simplified == current else 0, {**labels, "chargy_connector_state": simplified})
-            )
+            value = 1 if simplified == connector.state else 0
+            connector_state.append(Observation(value, {**labels, "chargy_connector_state": simplified}))
         detailed_state.append(Observation(1, {**labels, "state": connector.raw_state}))
     station_info = [
-        Observation(
-            1,
-            {
-                "station": station.name,
-                "address": station.address,
-                "latitude": _coordinate(station.latitude),
-                "longitude": _coordinate(station.longitude),
-            },
-        )
+        Observation(1, {"station": station.name, "address": station.address,
+                        "latitude": _coordinate(station.latitude), "longitude": _coordinate(station.longitude)})
         for station in snapshot.stations
-    ]
-    return _SnapshotObservations(connector_state, detailed_state, station_info)
+    ]  # fmt: skip
+    return {
+        "chargy_connector_state": connector_state,
+        "chargy_connector_detailed_state_info": detailed_state,
+        "chargy_station_info": station_info,
+    }
 
 
-def observe_status(state: State) -> dict[str, list[Observation]]:
+def observe_status(state: State) -> Observations:
     snapshot, status = state.snapshot, state.status
 
-    def counts(totals: dict[str, int], known: Iterable[str]) -> list[Observation]:
+    def counts(totals: Mapping[str, int], known: Iterable[str]) -> list[Observation]:
         # Every known reason from the start at 0, so rate() and increase() work from the first error on.
         return [Observation(totals.get(reason, 0), {"reason": reason}) for reason in sorted({*known, *totals})]
 
+    def optional(value: float | None) -> list[Observation]:
+        return [] if value is None else [Observation(value)]
+
     return {
-        "up": [Observation(1 if status.up else 0)],
-        "last_success": [] if status.last_success_time is None else [Observation(status.last_success_time)],
-        "duration": [] if status.last_refresh_duration is None else [Observation(status.last_refresh_duration)],
-        "errors": counts(dict(status.errors), REFRESH_ERROR_REASONS),
-        "skipped": counts(dict(status.skipped), SKIP_REASONS),
-        "stations": [Observation(len(snapshot.stations))],
-        "devices": [Observation(snapshot.device_count)],
-        "connectors": [Observation(snapshot.connector_count)],
+        "chargy_feed_up": [Observation(1 if status.up else 0)],
+        "chargy_feed_last_success_timestamp_seconds": optional(status.last_success_time),
+        "chargy_feed_refresh_duration_seconds": optional(status.last_refresh_duration),
+        "chargy_feed_refresh_errors": counts(status.errors, REFRESH_ERROR_REASONS),
+        "chargy_feed_skipped_records": counts(status.skipped, SKIP_REASONS),
+        "chargy_stations": [Observation(len(snapshot.stations))],
+        "chargy_devices": [Observation(snapshot.device_count)],
+        "chargy_connectors": [Observation(snapshot.connector_count)],
     }
 
 
@@ -131,13 +127,16 @@ class MetricsPipeline:
         self._on_published = tuple(on_published)
         self._lock = threading.RLock()
         self._current_snapshot: Snapshot | None = None
-        self._observations = _Observations(observe_snapshot(Snapshot(())), observe_status(State()))
+        self._snapshot_observations = observe_snapshot(Snapshot(()))
+        self._observations = {**self._snapshot_observations, **observe_status(State())}
         long_lived = _limits(_SETS_PER_CONNECTOR * max_connectors)
         self._provider: MeterProvider | None = MeterProvider(
             metric_readers=[factory(long_lived) for factory in readers], resource=resource, shutdown_on_exit=False
         )
         meter = self._provider.get_meter("chargy_exporter", __version__)
-        self._register_instruments(meter)
+        for name, kind, unit, description in _INSTRUMENTS:
+            create = meter.create_observable_counter if kind == "counter" else meter.create_observable_gauge
+            create(name, [self._callback(name)], unit=unit, description=description)
         for register in instruments:
             register(meter)
         self.notify()  # outputs show feed_up 0 and no connector data until the first refresh
@@ -145,8 +144,7 @@ class MetricsPipeline:
     @property
     def limits(self) -> CardinalityLimits:
         """Cardinality limits for a reader that collects the current observations once."""
-        snapshot = self._observations.snapshot
-        return _limits(max(len(snapshot.connector_state), len(snapshot.station_info)))
+        return _limits(max(len(series) for series in self._observations.values()))
 
     @contextmanager
     def attached(self, reader: MetricReader) -> Iterator[None]:
@@ -163,10 +161,11 @@ class MetricsPipeline:
     def publish(self, state: State) -> None:
         """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up."""
         # A failed refresh or a 304 publishes the same snapshot again: only the feed's status changed.
-        same = state.snapshot is self._current_snapshot
-        snapshot = self._observations.snapshot if same else observe_snapshot(state.snapshot)
+        if state.snapshot is not self._current_snapshot:
+            self._snapshot_observations = observe_snapshot(state.snapshot)
         with self._lock:
-            self._observations = _Observations(snapshot, observe_status(state))  # one swap: readers see it whole
+            # One swap: a collection reads either the old or the new observations, whole.
+            self._observations = {**self._snapshot_observations, **observe_status(state)}
             self._current_snapshot = state.snapshot
             self.notify()
 
@@ -174,7 +173,7 @@ class MetricsPipeline:
         """Run the published hooks, also after a self-metric changed outside a refresh (an OTLP export failed).
 
         Never waits: it runs on the OTLP reader's export thread, which a shutdown (holding the lock) may be
-        joining; and while a publish holds the lock, that publish renders what changed anyway.
+        joining. While a publish holds the lock, that render or the next one shows the change.
         """
         if not self._lock.acquire(blocking=False):
             return
@@ -191,57 +190,5 @@ class MetricsPipeline:
                 self._provider.shutdown(timeout_millis=timeout_millis)
                 self._provider = None
 
-    def _register_instruments(self, meter: Meter) -> None:
-        def current(
-            select: Callable[[_Observations], list[Observation]],
-        ) -> Callable[[CallbackOptions], list[Observation]]:
-            return lambda _options: select(self._observations)
-
-        def feed(key: str) -> Callable[[CallbackOptions], list[Observation]]:
-            return current(lambda observations: observations.feed[key])
-
-        meter.create_observable_gauge(
-            "chargy_connector_state",
-            [current(lambda observations: observations.snapshot.connector_state)],
-            description="Simplified connector state: 1 for the current one of available|charging|unavailable, else 0",
-        )
-        meter.create_observable_gauge(
-            "chargy_connector_detailed_state_info",
-            [current(lambda observations: observations.snapshot.detailed_state)],
-            description="Raw upstream connector state (OCPP-like), always 1",
-        )
-        meter.create_observable_gauge(
-            "chargy_station_info",
-            [current(lambda observations: observations.snapshot.station_info)],
-            description="Station address and coordinates (WGS84), always 1",
-        )
-        meter.create_observable_gauge(
-            "chargy_feed_up", [feed("up")], description="1 if the last feed refresh succeeded, else 0"
-        )
-        meter.create_observable_gauge(
-            "chargy_feed_last_success_timestamp_seconds",
-            [feed("last_success")],
-            unit="s",
-            description="Unix time of the last successful feed refresh",
-        )
-        meter.create_observable_gauge(
-            "chargy_feed_refresh_duration_seconds",
-            [feed("duration")],
-            unit="s",
-            description="Duration of the last feed refresh (fetch and parse)",
-        )
-        meter.create_observable_counter(
-            "chargy_feed_refresh_errors",
-            [feed("errors")],
-            description="Failed feed refreshes, by reason",
-        )
-        meter.create_observable_counter(
-            "chargy_feed_skipped_records",
-            [feed("skipped")],
-            description="Feed records skipped while parsing (bad device JSON, connector without state...), by reason",
-        )
-        meter.create_observable_gauge("chargy_stations", [feed("stations")], description="Stations in the served data")
-        meter.create_observable_gauge("chargy_devices", [feed("devices")], description="Devices in the served data")
-        meter.create_observable_gauge(
-            "chargy_connectors", [feed("connectors")], description="Connectors in the served data"
-        )
+    def _callback(self, name: str) -> Callable[[CallbackOptions], list[Observation]]:
+        return lambda _options: self._observations[name]

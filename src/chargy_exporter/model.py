@@ -1,11 +1,11 @@
 """The station → device → connector model built from one feed, and its vocabulary: states, error and skip reasons.
 
-A `Snapshot` is immutable once built: the refresh builds a new one and swaps it in whole, so every
-reader sees either the old or the new feed, never a mix.
+A `Snapshot` is immutable: each refresh swaps in a new one whole, so a reader sees the old feed or the new, never a mix.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,21 +47,11 @@ SKIP_REASONS: Final = (
 )
 
 # Raw (OCPP-like) upstream states; anything not listed here is unknown and counts as unavailable.
+_RAW_CHARGING: Final = ("CHARGING", "PREPARING", "SUSPENDED_EV", "SUSPENDED_EVSE", "FINISHING", "OCCUPIED", "RESERVED")
 RAW_STATE_MAP: Final = MappingProxyType(
-    {
-        "AVAILABLE": AVAILABLE,
-        "CHARGING": CHARGING,
-        "PREPARING": CHARGING,
-        "SUSPENDED_EV": CHARGING,
-        "SUSPENDED_EVSE": CHARGING,
-        "FINISHING": CHARGING,
-        "OCCUPIED": CHARGING,
-        "RESERVED": CHARGING,
-        "UNAVAILABLE": UNAVAILABLE,
-        "OFFLINE": UNAVAILABLE,
-        "FAULT": UNAVAILABLE,
-        "FAULTED": UNAVAILABLE,
-    }
+    {"AVAILABLE": AVAILABLE}
+    | dict.fromkeys(_RAW_CHARGING, CHARGING)
+    | dict.fromkeys(("UNAVAILABLE", "OFFLINE", "FAULT", "FAULTED"), UNAVAILABLE)
 )
 
 
@@ -74,9 +64,7 @@ def format_speed(kilowatts: float | None) -> str:
     """`speed` label value: kW without a useless decimal (22.0 → "22", 7.4 → "7.4"); "" when unknown."""
     if kilowatts is None:
         return ""
-    if kilowatts == int(kilowatts):
-        return str(int(kilowatts))
-    return repr(round(kilowatts, 3))
+    return str(int(kilowatts)) if kilowatts == int(kilowatts) else repr(round(kilowatts, 3))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,20 +121,6 @@ class NetworkCounts:
         return self.available + self.charging + self.unavailable
 
 
-def count_network(stations: tuple[Station, ...]) -> NetworkCounts:
-    by_state = dict.fromkeys(SIMPLIFIED_STATES, 0)
-    without_available = 0
-    for station in stations:
-        states = [connector.state for device in station.devices for connector in device.connectors]
-        for state in states:
-            by_state[state] += 1
-        if AVAILABLE not in states:
-            without_available += 1
-    return NetworkCounts(
-        by_state[AVAILABLE], by_state[CHARGING], by_state[UNAVAILABLE], len(stations), without_available
-    )
-
-
 @dataclass(frozen=True)
 class Snapshot:
     stations: tuple[Station, ...]
@@ -170,7 +144,16 @@ class Snapshot:
     @cached_property
     def counts(self) -> NetworkCounts:
         # Computed on first use and kept: the snapshot never changes, and the status page asks on every request.
-        return count_network(self.stations)
+        by_state: Counter[str] = Counter()
+        without_available = 0
+        for station in self.stations:
+            states = [connector.state for device in station.devices for connector in device.connectors]
+            by_state.update(states)
+            if AVAILABLE not in states:
+                without_available += 1
+        return NetworkCounts(
+            by_state[AVAILABLE], by_state[CHARGING], by_state[UNAVAILABLE], len(self.stations), without_available
+        )
 
 
 EMPTY_SNAPSHOT: Final = Snapshot(stations=())

@@ -1,7 +1,5 @@
-"""The status page a browser gets at `/`: the network now and the feed's health, from the published state.
+"""The status page at `/`, built per request from the `State` alone: no I/O, no URL (the feed's key cannot show).
 
-It is built per request from the `State` alone (no I/O, no URL: the feed's key cannot show), so it must stay
-cheap: the per-state counts are computed once per snapshot (`Snapshot.counts`), the rest is string formatting.
 One self-contained document: inline CSS, no script, nothing fetched from elsewhere.
 """
 
@@ -28,14 +26,13 @@ h2{font-size:1.05rem;margin:0 0 .75rem;color:var(--muted);font-weight:600;text-t
 .sub{margin:.1rem 0 1.25rem;color:var(--muted)}
 section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:1rem 1.25rem;margin-bottom:1rem}
 .tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(8.5rem,1fr));gap:.75rem}
-.tile{border-left:4px solid var(--line);padding:.15rem .75rem}
+.available{--state:var(--available)}.charging{--state:var(--charging)}.unavailable{--state:var(--unavailable)}
+.stations{--state:var(--muted)}
+.tile{border-left:4px solid var(--state);padding:.15rem .75rem}
 .tile .n{display:block;font-size:2rem;font-weight:700;line-height:1.2;font-variant-numeric:tabular-nums}
 .tile .l{color:var(--muted);font-size:.9rem}
-.tile.available{border-color:var(--available)}.tile.charging{border-color:var(--charging)}
-.tile.unavailable{border-color:var(--unavailable)}.tile.stations{border-color:var(--muted)}
 .bar{display:flex;height:.6rem;border-radius:.3rem;overflow:hidden;margin:1rem 0 .5rem;background:var(--line)}
-.bar .available{background:var(--available)}.bar .charging{background:var(--charging)}
-.bar .unavailable{background:var(--unavailable)}
+.bar span{background:var(--state)}
 .note{color:var(--muted);font-size:.9rem;margin:.25rem 0 0}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.4rem 1.25rem;margin:0}
 dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}
@@ -50,14 +47,12 @@ a{color:var(--charging)}
 
 def render_status_page(state: State, now: float) -> bytes:
     """The page for `state` as seen at Unix time `now`, UTF-8 encoded."""
-    counts = state.snapshot.counts
+    counts = state.snapshot.counts  # computed once per snapshot: the page is built on every request
     has_data = bool(state.snapshot.stations)
-    title = (
-        f"chargy-exporter: {counts.available:,} of {counts.connectors:,} connectors available"
-        if has_data
-        else "chargy-exporter"
-    )
-    page = (
+    title = "chargy-exporter"
+    if has_data:
+        title += f": {counts.available:,} of {counts.connectors:,} connectors available"
+    return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body><main>"
@@ -67,129 +62,89 @@ def render_status_page(state: State, now: float) -> bytes:
         f'<footer>chargy-exporter <span id="version">{escape(__version__)}</span> · '
         '<a href="/metrics">/metrics</a> (Prometheus) · <a href="/healthz">/healthz</a></footer>'
         "</main></body></html>"
-    )
-    return page.encode("utf-8")
-
-
-# ---- sections ---------------------------------------------------------------------------------------------------
+    ).encode()
 
 
 def _network(counts: NetworkCounts, status: FeedStatus, has_data: bool, now: float) -> str:
     if not has_data:
         waiting = "The first refresh is under way." if status.last_error_time is None else "No good feed read yet."
         return f'<section id="network"><h2>The network now</h2><p>No data yet. {waiting}</p></section>'
-    tiles = "".join(
-        _tile(css, element_id, number, label)
-        for css, element_id, number, label in (
-            ("available", "available", counts.available, "connectors available"),
-            ("charging", "charging", counts.charging, "connectors charging"),
-            ("unavailable", "unavailable", counts.unavailable, "connectors unavailable"),
-            ("stations", "stations-without-available", counts.stations_without_available,
-             f"of {counts.stations:,} stations with no connector available"),
+    by_state = (("available", counts.available), ("charging", counts.charging), ("unavailable", counts.unavailable))
+    tiles = [(css, css, number, f"connectors {css}") for css, number in by_state]
+    without = f"of {counts.stations:,} stations with no connector available"
+    tiles.append(("stations", "stations-without-available", counts.stations_without_available, without))
+    bar = ""
+    if counts.connectors:
+        parts = "".join(
+            f'<span class="{css}" style="width:{100 * number / counts.connectors:.2f}%" title="{css}"></span>'
+            for css, number in by_state
+            if number
         )
-    )  # fmt: skip
-    as_of = f"{counts.connectors:,} connectors at {counts.stations:,} stations"
-    if status.last_success_time is not None:
-        as_of += f", as of {_time(status.last_success_time, now)}"
-    stale = ""
-    if not status.up and status.last_success_time is not None:
-        age = _age(status.last_success_time, now)
-        stale = f'<p class="warn">The feed is failing: this is the last good data, {age} old.</p>'
-    return (
-        f'<section id="network"><h2>The network now</h2><div class="tiles">{tiles}</div>'
-        f'{_bar(counts)}<p class="note">{as_of}</p>{stale}</section>'
-    )
-
-
-def _tile(css: str, element_id: str, number: int, label: str) -> str:
-    return (
+        bar = f'<div class="bar" role="img" aria-label="connectors by state">{parts}</div>'
+    tiles_html = "".join(
         f'<div class="tile {css}"><span class="n" id="{element_id}">{number:,}</span>'
         f'<span class="l">{escape(label)}</span></div>'
+        for css, element_id, number, label in tiles
     )
-
-
-def _bar(counts: NetworkCounts) -> str:
-    if not counts.connectors:
-        return ""
-    parts = "".join(
-        f'<span class="{css}" style="width:{100 * number / counts.connectors:.2f}%" title="{css}"></span>'
-        for css, number in (
-            ("available", counts.available),
-            ("charging", counts.charging),
-            ("unavailable", counts.unavailable),
-        )
-        if number
+    as_of = f"{counts.connectors:,} connectors at {counts.stations:,} stations"
+    stale = ""
+    if status.last_success_time is not None:
+        as_of += f", as of {_time(status.last_success_time, now)}"
+        if not status.up:
+            age = _duration(now - status.last_success_time)
+            stale = f'<p class="warn">The feed is failing: this is the last good data, {age} old.</p>'
+    return (
+        f'<section id="network"><h2>The network now</h2><div class="tiles">{tiles_html}</div>'
+        f'{bar}<p class="note">{as_of}</p>{stale}</section>'
     )
-    return f'<div class="bar" role="img" aria-label="connectors by state">{parts}</div>'
 
 
 def _feed(status: FeedStatus, has_data: bool, now: float) -> str:
-    rows = [
-        ("Status", _health(status, has_data)),
-        ("Last success", _time(status.last_success_time, now) if status.last_success_time is not None else "never"),
-        ("Last error", _last_error(status, now)),
-        ("Next refresh", _next_refresh(status.next_refresh_time, now)),
-    ]
-    items = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
-    return f'<section id="feed"><h2>The feed</h2><dl>{items}</dl></section>'
-
-
-def _health(status: FeedStatus, has_data: bool) -> str:
     if status.up:
-        return '<span class="badge up" id="feed-status">up</span> the last refresh succeeded'
-    if status.failures_in_a_row:
+        health = '<span class="badge up" id="feed-status">up</span> the last refresh succeeded'
+    elif status.failures_in_a_row:
         failures = "failure" if status.failures_in_a_row == 1 else "failures in a row"
         served = "the last good data is still served" if has_data else "no data to serve yet"
-        return f'<span class="badge down" id="feed-status">down</span> {status.failures_in_a_row} {failures}; {served}'
-    return '<span class="badge waiting" id="feed-status">starting</span> waiting for the first refresh'
+        health = (
+            f'<span class="badge down" id="feed-status">down</span> {status.failures_in_a_row} {failures}; {served}'
+        )
+    else:
+        health = '<span class="badge waiting" id="feed-status">starting</span> waiting for the first refresh'
 
+    last_error = "none since the exporter started"
+    if status.last_error_reason is not None:
+        last_error = f'<code id="last-error-reason">{escape(status.last_error_reason)}</code>'
+        if status.last_error_time is not None:
+            last_error += f", {_time(status.last_error_time, now)}"
+        if status.last_error_message:
+            last_error += f'<br><span class="note" id="last-error-message">{escape(status.last_error_message)}</span>'
 
-def _last_error(status: FeedStatus, now: float) -> str:
-    if status.last_error_reason is None:
-        return "none since the exporter started"
-    shown = f'<code id="last-error-reason">{escape(status.last_error_reason)}</code>'
-    if status.last_error_time is not None:
-        shown += f", {_time(status.last_error_time, now)}"
-    if status.last_error_message:
-        shown += f'<br><span class="note" id="last-error-message">{escape(status.last_error_message)}</span>'
-    return shown
-
-
-def _next_refresh(when: float | None, now: float) -> str:
+    when = status.next_refresh_time
     if when is None:
-        return "when the refresh under way ends"
-    if when <= now:
-        return "under way"
-    return f"in {_duration(when - now)} ({_clock(when)})"
+        next_refresh = "when the refresh under way ends"
+    else:
+        next_refresh = "under way" if when <= now else f"in {_duration(when - now)} ({_clock(when)})"
 
-
-# ---- time -------------------------------------------------------------------------------------------------------
+    last_success = "never" if status.last_success_time is None else _time(status.last_success_time, now)
+    rows = {"Status": health, "Last success": last_success, "Last error": last_error, "Next refresh": next_refresh}
+    items = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in rows.items())
+    return f'<section id="feed"><h2>The feed</h2><dl>{items}</dl></section>'
 
 
 def _time(when: float, now: float) -> str:
     """An absolute time (UTC: the server cannot know the reader's zone without a script) and its age."""
-    return f'<time datetime="{_iso(when)}">{_clock(when)}</time> ({_age(when, now)} ago)'
-
-
-def _iso(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    return f'<time datetime="{iso}">{_clock(when)}</time> ({_duration(now - when)} ago)'
 
 
 def _clock(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
 
-def _age(when: float, now: float) -> str:
-    return _duration(max(0.0, now - when))
-
-
 def _duration(seconds: float) -> str:
     """A human duration with two units at most: "42 s", "3 min 12 s", "2 h 5 min", "3 d 4 h"."""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        return f"{whole // 60} min {whole % 60} s"
-    if whole < 86400:
-        return f"{whole // 3600} h {whole % 3600 // 60} min"
-    return f"{whole // 86400} d {whole % 86400 // 3600} h"
+    whole = max(0, int(seconds))
+    for size, unit, part, part_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "min"), (60, "min", 1, "s")):
+        if whole >= size:
+            return f"{whole // size} {unit} {whole % size // part} {part_unit}"
+    return f"{whole} s"

@@ -1,8 +1,7 @@
 """The background refresh: fetch → parse → publish, once per interval, whatever the scrape rate.
 
-A failed refresh publishes the previous snapshot again with `up` = 0 and the error counted, so the last good
-data keeps being served. After a failure the next attempt comes sooner than the full interval (exponential
-backoff with jitter, capped by the interval).
+A failed refresh publishes the last good snapshot again with `up` = 0 and the error counted; the next attempt comes
+sooner than the interval (exponential backoff with jitter, capped by the interval).
 """
 
 from __future__ import annotations
@@ -13,24 +12,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 from .config import Config
 from .feed import FeedClient, FeedError, Validators
 from .kml import KmlError, parse_kml
+from .model import Snapshot
 from .status import State, add_counts
 
 log = logging.getLogger(__name__)
 
 FIRST_RETRY_DELAY: Final = 5.0
-# Enough of an error message to act on; what the status page keeps of it.
-MESSAGE_LENGTH_SHOWN: Final = 300
-
-
-def one_line(text: str) -> str:
-    """A message as one log line: a multi-line error (a server's answer, a traceback) must not split it."""
-    return " ".join(text.split())
+MESSAGE_LENGTH_SHOWN: Final = 300  # enough of an error message to act on: what the status page keeps of it
 
 
 class Refresher:
@@ -47,10 +40,8 @@ class Refresher:
         self._clock = clock
         self._state = State()
         self._validators = Validators()
-        self._failures_in_a_row = 0
         self._stop = threading.Event()
-        # Set by refresh_now() (SIGHUP) or stop(): ends the wait before the next refresh.
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # set by refresh_now() (SIGHUP) or stop(): ends the wait for the next refresh
         self._thread: threading.Thread | None = None
 
     @property
@@ -86,12 +77,12 @@ class Refresher:
         """One refresh; returns the delay until the next one should start."""
         started = time.monotonic()
         previous = self._state.status
+        skipped: Mapping[str, int] = {}
         try:
             fetched = self._client.fetch(self._validators)
             if fetched.not_modified:
-                snapshot = self._state.snapshot
-                skipped: Mapping[str, int] = MappingProxyType({})
                 log.debug("feed not modified since the last refresh")
+                snapshot = self._state.snapshot
             else:
                 assert fetched.body is not None
                 snapshot = parse_kml(fetched.body, self._config.max_connectors)
@@ -100,14 +91,12 @@ class Refresher:
         except (FeedError, KmlError) as error:
             return self._failed(error.reason, str(error), started)
         except Exception as error:
-            # The traceback is for whoever debugs; the one error line below says what happened.
+            # The traceback is for whoever debugs; the one error line says what happened.
             log.debug("unexpected error during refresh", exc_info=True)
             return self._failed("internal", f"{type(error).__name__}: {error}", started)
 
         if skipped:
-            log.warning(
-                "skipped feed records: %s", ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
-            )
+            log.warning("skipped feed records: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
         if not previous.up:
             log.info(
                 "feed refreshed: %d stations, %d devices, %d connectors from %s",
@@ -116,62 +105,47 @@ class Refresher:
                 snapshot.connector_count,
                 self._config.redacted_url,
             )
-        self._failures_in_a_row = 0
-        delay = self._config.refresh_interval
-        now = self._clock()
-        self._set(
-            State(
-                snapshot,
-                replace(
-                    previous,
-                    up=True,
-                    last_success_time=now,
-                    last_refresh_duration=time.monotonic() - started,
-                    skipped=add_counts(previous.skipped, skipped),
-                    failures_in_a_row=0,
-                    next_refresh_time=self._next_refresh_time(now, delay, started),
-                ),
-            )
-        )
+        delay, now = self._config.refresh_interval, self._clock()
+        total = add_counts(previous.skipped, skipped)
+        self._set(snapshot, started, now, delay, up=True, last_success_time=now, skipped=total, failures_in_a_row=0)
         return delay
 
     def _failed(self, reason: str, message: str, started: float) -> float:
-        self._failures_in_a_row += 1
-        delay = self.retry_delay(self._failures_in_a_row)
-        message = one_line(self._config.redact(message))
+        previous = self._state.status
+        failures = previous.failures_in_a_row + 1
+        delay = self.retry_delay(failures)
+        message = " ".join(self._config.redact(message).split())  # one log line, whatever the error's text
         log.error(
             "feed refresh failed (%s, %d in a row): %s; %s, next try in %.0f s",
             reason,
-            self._failures_in_a_row,
+            failures,
             message,
             "serving the last good data" if self._state.snapshot.stations else "no data to serve yet",
             delay,
         )
-        previous = self._state.status
         now = self._clock()
-        status = replace(
-            previous,
+        self._set(
+            self._state.snapshot,
+            started,
+            now,
+            delay,
             up=False,
-            last_refresh_duration=time.monotonic() - started,
+            last_error_time=now,
             errors=add_counts(previous.errors, {reason: 1}),
             last_error_reason=reason,
             last_error_message=message[:MESSAGE_LENGTH_SHOWN],
-            last_error_time=now,
-            failures_in_a_row=self._failures_in_a_row,
-            next_refresh_time=self._next_refresh_time(now, delay, started),
+            failures_in_a_row=failures,
         )
-        self._set(State(self._state.snapshot, status))
         return delay
-
-    @staticmethod
-    def _next_refresh_time(now: float, delay: float, started: float) -> float:
-        # The loop waits `delay` counted from the start of this refresh, not from now.
-        return now + max(0.0, delay - (time.monotonic() - started))
 
     def retry_delay(self, failures_in_a_row: int) -> float:
         backoff = FIRST_RETRY_DELAY * 2 ** min(failures_in_a_row - 1, 16)
         return float(min(self._config.refresh_interval, backoff) * random.uniform(0.8, 1.0))
 
-    def _set(self, state: State) -> None:
-        self._state = state
-        self._publish(state)
+    def _set(self, snapshot: Snapshot, started: float, now: float, delay: float, **changes: Any) -> None:
+        """Publish `snapshot` with the status changed as given, for the refresh that began at `started`."""
+        elapsed = time.monotonic() - started
+        # The loop waits `delay` counted from the start of this refresh, not from now.
+        changes.update(last_refresh_duration=elapsed, next_refresh_time=now + max(0.0, delay - elapsed))
+        self._state = State(snapshot, replace(self._state.status, **changes))
+        self._publish(self._state)
