@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler
@@ -172,6 +173,25 @@ def test_size_cap_applies_to_the_decompressed_size(feed_server: FeedServer) -> N
 def test_a_body_under_the_cap_passes(feed_server: FeedServer) -> None:
     feed_server.set_body(b"z" * 4096)
     assert client_for(feed_server.url, max_feed_bytes=4096).fetch().body == b"z" * 4096
+
+
+def test_a_body_announced_over_the_cap_is_refused_before_it_is_read(feed_server: FeedServer) -> None:
+    release = threading.Event()
+
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(200 * 1024 * 1024))
+        handler.end_headers()
+        handler.wfile.write(b"<kml>")
+        handler.wfile.flush()
+        release.wait(10)  # the stimulus: the rest of the announced body never comes
+
+    feed_server.set_responder(respond)
+    try:
+        # Refused on the header: waiting for the body would end as a timeout instead.
+        assert fetch_error(client_for(feed_server.url, fetch_timeout=30)).reason == "too_large"
+    finally:
+        release.set()
 
 
 def test_a_trickling_body_is_cut_at_the_deadline(feed_server: FeedServer) -> None:

@@ -155,6 +155,9 @@ class FeedClient:
                 )
             if status == 304:
                 return FetchResult(None, validators)
+            declared, limit = answer.headers.get("Content-Length", ""), self._config.max_feed_bytes
+            if declared.isdigit() and int(declared) > limit and "Content-Encoding" not in answer.headers:
+                raise FeedError("too_large", f"the feed announces {declared} bytes, over the {limit}-byte limit")
             # iter_content decompresses: the cap applies to what we would parse (a gzip bomb stops here too).
             body = self._capped(answer.iter_content(64 * 1024))
             if fired.is_set():  # cut after the last byte arrived, but before the deadline was checked
