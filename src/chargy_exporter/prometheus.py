@@ -13,7 +13,7 @@ import resource
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -35,7 +35,7 @@ class Format:
     media: str
     version: str
     accepted_versions: str  # a regular expression
-    encode: Callable[[Collector], bytes]
+    encode: Callable[[Collector], bytes] = field(compare=False)
 
     @property
     def content_type(self) -> str:
@@ -60,6 +60,7 @@ FORMATS: Final = (
 _MAX_MEDIA_RANGES: Final = 32
 _MAX_HEADER_CHARS: Final = 4096
 _QVALUE: Final = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+_SERIES_NAME: Final = re.compile(rb"[^{ ]*")
 
 
 def _media_ranges(header: str) -> Iterator[tuple[str, dict[str, str], float]]:
@@ -94,36 +95,52 @@ def gzip_wanted(accept_encoding: str) -> bool:
     return any(coding in ("gzip", "x-gzip") and q > 0 for coding, _, q in _media_ranges(accept_encoding))
 
 
-class _Rendering:
-    """One collection's families and the bodies encoded from them so far: at most one per (format, gzipped)."""
+class _Families:
+    """What prometheus_client's encoders read: a collector over families collected already."""
 
     def __init__(self, families: Iterable[Metric]) -> None:
         self.families = tuple(families)
-        self.bodies: dict[tuple[Format, bool], bytes] = {}
-        self._lock = threading.Lock()
 
-    def collect(self) -> Iterable[Metric]:  # what prometheus_client's encoders read
+    def collect(self) -> Iterable[Metric]:
         return self.families
+
+
+class _Rendering:
+    """One collection, encoded at once in every format; the families are not kept (they pin several MB of the
+    collection's memory), and gzip bodies are compressed on first ask: at most one body per (format, gzipped)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        collected = _Families(families)
+        self.bodies: dict[tuple[Format, bool], bytes] = {(fmt, False): fmt.encode(collected) for fmt in FORMATS}
+        self._lock = threading.Lock()
 
     def body(self, fmt: Format, gzipped: bool) -> bytes:
         if (fmt, gzipped) not in self.bodies:
-            with self._lock:  # each body encoded once, however many scrapes ask for it at the same time
-                if (fmt, False) not in self.bodies:
-                    self.bodies[fmt, False] = fmt.encode(self)
-                if gzipped and (fmt, True) not in self.bodies:
-                    self.bodies[fmt, True] = gzip.compress(self.bodies[fmt, False], compresslevel=6)
+            with self._lock:  # each body compressed once, however many scrapes ask for it at the same time
+                if (fmt, gzipped) not in self.bodies:
+                    self.bodies[fmt, gzipped] = gzip.compress(self.bodies[fmt, False], compresslevel=6)
         return self.bodies[fmt, gzipped]
 
     def filtered(self, fmt: Format, names: set[str]) -> bytes:
-        """The samples whose series (sample) name is in `names`, in their families: encoded now, kept nowhere."""
-        selected = []
-        for family in self.families:
-            samples = [sample for sample in family.samples if sample.name in names]
-            if samples:
-                subset = Metric(family.name, family.documentation, family.type, family.unit)
-                subset.samples = samples
-                selected.append(subset)
-        return fmt.encode(_Rendering(selected))
+        """The samples whose series (sample) name is in `names`, with their family's metadata lines, cut from the
+        encoded body: a sample is one line, its family's `# HELP`/`# TYPE`/`# UNIT` lines come before it."""
+        wanted = {name.encode() for name in names}
+        kept: list[bytes] = []
+        metadata: list[bytes] = []  # of the family being read, until one of its samples is kept
+        family = b""
+        for line in self.bodies[fmt, False].splitlines(keepends=True):
+            if line.startswith(b"# EOF"):  # OpenMetrics' last line
+                kept.append(line)
+            elif line.startswith(b"#"):
+                name = line.split(b" ", 3)[2]
+                if name != family:
+                    family, metadata = name, []
+                metadata.append(line)
+            elif _SERIES_NAME.match(line).group() in wanted:  # type: ignore[union-attr]
+                kept += metadata
+                metadata = []
+                kept.append(line)
+        return b"".join(kept)
 
 
 class BadQuery(ValueError):
@@ -226,10 +243,12 @@ class PrometheusEndpoint:
         # No otel_scope_* labels: the series' labels are exactly the documented contract.
         reader = PrometheusMetricReader(scope_info_enabled=False, registry=registry, cardinality_limits=pipeline.limits)
         with pipeline.attached(reader):
-            rendering = _Rendering(registry.collect())
+            families = list(registry.collect())
+        rendering = _Rendering(families)
+        del families  # before the compressions below: the collection's memory goes back first
         with self._asked_lock:
             asked, self._asked = self._asked, set()
-        for fmt, gzipped in asked or {(FORMATS[0], False)}:
+        for fmt, gzipped in asked:
             rendering.body(fmt, gzipped)
         self._rendering = rendering  # one reference swap: a scrape sees the old or the new rendering, whole
 
