@@ -1,13 +1,9 @@
 """OpenTelemetry instruments over the published `State`: one MeterProvider for the process.
 
-`MetricsPipeline.publish` turns a state into ready-made observations once per refresh; the observable gauges'
-callbacks only hand those lists to the SDK, so a collection does no parsing and no I/O.
-
-The SDK keeps, per reader, every attribute set an asynchronous instrument has ever observed. A reader that
-lives for months of upstream churn (connectors renamed, states changing) would hold stale sets without end, so
-the Prometheus path never keeps one: each publish attaches a fresh reader, collects once and removes it
-(`attached`), and its storage holds exactly the current attribute sets. A pushing reader (OTLP) must live on;
-its cardinality limit is sized from `max_connectors`, so its stale sets are bounded (see README, Operations).
+A publish builds the observations once; the callbacks only hand those lists over (no parsing, no I/O). The SDK
+keeps, per reader, every attribute set ever observed, so the Prometheus path keeps no reader: each publish attaches
+a fresh one (`attached`), collects once and removes it. The OTLP reader lives on, its cardinality limit sized from
+`max_connectors`, so its stale sets are bounded and nothing is folded into an overflow series.
 """
 
 from __future__ import annotations

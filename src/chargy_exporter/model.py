@@ -23,28 +23,16 @@ MAX_CONNECTORS: Final = 20_000
 
 # Labels of chargy_feed_refresh_errors_total: why a fetch (feed.py) or a parse (kml.py) failed, or neither.
 FEED_ERROR_REASONS: Final = (
-    "timeout",
-    "connection",
-    "http_5xx",
-    "http_status",
-    "unauthorized",
-    "http_redirect",
-    "broken_response",
-    "too_large",
-    "file",
-)
+    "timeout", "connection", "http_5xx", "http_status", "unauthorized", "http_redirect", "broken_response",
+    "too_large", "file",
+)  # fmt: skip
 KML_ERROR_REASONS: Final = ("not_kml", "malformed_xml", "forbidden_xml", "empty_feed", "too_many_records")
 REFRESH_ERROR_REASONS: Final = (*FEED_ERROR_REASONS, *KML_ERROR_REASONS, "internal")
 # Labels of chargy_feed_skipped_records_total: why kml.py dropped a record of an otherwise good feed.
 SKIP_REASONS: Final = (
-    "malformed_device_json",
-    "invalid_device",
-    "invalid_connector",
-    "connector_without_name",
-    "connector_without_state",
-    "duplicate_connector",
-    "invalid_placemark",
-)
+    "malformed_device_json", "invalid_device", "invalid_connector", "connector_without_name",
+    "connector_without_state", "duplicate_connector", "invalid_placemark",
+)  # fmt: skip
 
 # Raw (OCPP-like) upstream states; anything not listed here is unknown and counts as unavailable.
 _RAW_CHARGING: Final = ("CHARGING", "PREPARING", "SUSPENDED_EV", "SUSPENDED_EVSE", "FINISHING", "OCCUPIED", "RESERVED")

@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -95,22 +96,12 @@ def gzip_wanted(accept_encoding: str) -> bool:
     return any(coding in ("gzip", "x-gzip") and q > 0 for coding, _, q in _media_ranges(accept_encoding))
 
 
-class _Families:
-    """What prometheus_client's encoders read: a collector over families collected already."""
-
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self.families = tuple(families)
-
-    def collect(self) -> Iterable[Metric]:
-        return self.families
-
-
 class _Rendering:
     """One collection, encoded at once in every format; the families are not kept (they pin several MB of the
     collection's memory), and gzip bodies are compressed on first ask: at most one body per (format, gzipped)."""
 
     def __init__(self, families: Iterable[Metric]) -> None:
-        collected = _Families(families)
+        collected = SimpleNamespace(collect=lambda: families)  # what prometheus_client's encoders read
         self.bodies: dict[tuple[Format, bool], bytes] = {(fmt, False): fmt.encode(collected) for fmt in FORMATS}
         self._lock = threading.Lock()
 
