@@ -195,17 +195,18 @@ def build_feed() -> GeneratedFeed:
     with_connectors = [i for i, s in enumerate(feed.stations) if s.devices]
 
     def set_connectors(index: int, states: list[str] | None = None, speeds: list[float] | None = None) -> None:
+        """Every connector of every device of the station, the given states and speeds in turn."""
         station = feed.stations[index]
-        device = station.devices[0]
-        connectors = list(device.connectors)
-        for n in range(len(connectors)):
-            if states:
-                connectors[n] = replace(connectors[n], state=states[n % len(states)])
-            if speeds:
-                connectors[n] = replace(connectors[n], speed=speeds[n % len(speeds)])
-        feed.stations[index] = replace(
-            station, devices=(replace(device, connectors=tuple(connectors)), *station.devices[1:])
-        )
+        devices = []
+        for device in station.devices:
+            connectors = list(device.connectors)
+            for n in range(len(connectors)):
+                if states:
+                    connectors[n] = replace(connectors[n], state=states[n % len(states)])
+                if speeds:
+                    connectors[n] = replace(connectors[n], speed=speeds[n % len(speeds)])
+            devices.append(replace(device, connectors=tuple(connectors)))
+        feed.stations[index] = replace(station, devices=tuple(devices))
 
     # The users' example station twice, at two places: names are not unique keys.
     for index in with_connectors[:2]:

@@ -668,8 +668,9 @@ def test_17000_connectors_arrive_complete_through_the_process(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_170000_connectors_arrive_complete_through_grpc_with_default_limits(grpc_receiver: GrpcReceiver) -> None:
-    """In-process (the process refuses feeds over 20,000 connectors): the pipeline with the OTLP reader only,
-    one export of ~775,000 data points (~120 MB) to a receiver with grpcio's default limits."""
+    """In-process, as with --max-connectors 200000 (the default refuses feeds over 20,000 connectors): the pipeline
+    with the OTLP reader only, one export of ~775,000 data points (~120 MB) to a receiver with grpcio's default
+    limits."""
     from chargy_exporter.metrics import MetricsPipeline
     from chargy_exporter.status import FeedStatus, State
 
@@ -678,7 +679,9 @@ def test_170000_connectors_arrive_complete_through_grpc_with_default_limits(grpc
     grpc_receiver.sink = checker
     # No periodic export: the test flushes, with a timeout for collecting that large a feed.
     push = OtlpPush(OtlpSettings(endpoint=grpc_receiver.endpoint, export_interval=math.inf))
-    pipeline = MetricsPipeline(Resource.create({}), readers=[push.make_reader], instruments=[push.register_instruments])
+    pipeline = MetricsPipeline(
+        Resource.create({}), readers=[push.make_reader], instruments=[push.register_instruments], max_connectors=200_000
+    )
     push.attach(pipeline.notify)
     try:
         pipeline.publish(State(snapshot_of(feed), FeedStatus(up=True)))
