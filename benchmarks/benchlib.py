@@ -6,6 +6,7 @@ the README's plain install (`pip install .`), without pytest or the test extra.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
@@ -31,12 +32,14 @@ class FeedServer:
     def __init__(self, body: bytes, api_key: str = "benchmark-secret-key") -> None:
         self.body = body
         self.api_key = api_key
+        self.requests = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
+                server.requests += 1
                 self.send_response(200)
                 self.send_header("Content-Type", "application/vnd.google-earth.kml+xml")
                 self.send_header("Content-Length", str(len(server.body)))
@@ -70,6 +73,12 @@ def exporter_command() -> list[str]:
         return [str(script)]
     found = shutil.which("chargy-exporter")
     return [found] if found else [sys.executable, "-m", "chargy_exporter"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far, user and system (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def memory_kb(pid: int) -> dict[str, int]:

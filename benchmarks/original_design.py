@@ -28,13 +28,14 @@ SIMPLIFIED = {"AVAILABLE": "available"} | {
 
 
 class ChargyCollector:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cache_seconds: float = CACHE_SECONDS) -> None:
         self._url = url
+        self._cache_seconds = cache_seconds
         self._document: dict | None = None
         self._fetched_at = 0.0
 
     def _placemarks(self) -> list[dict]:
-        if self._document is None or time.monotonic() - self._fetched_at > CACHE_SECONDS:
+        if self._document is None or time.monotonic() - self._fetched_at > self._cache_seconds:
             response = requests.get(self._url, headers={"Accept": "application/xml"}, timeout=30)
             self._document = xmltodict.parse(response.content)
             self._fetched_at = time.monotonic()
@@ -66,8 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kml-url", required=True)
     parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--cache-seconds", type=float, default=CACHE_SECONDS, help="0: every scrape is a refresh")
     args = parser.parse_args()
-    REGISTRY.register(ChargyCollector(args.kml_url))
+    REGISTRY.register(ChargyCollector(args.kml_url, args.cache_seconds))
     start_http_server(args.port, addr="127.0.0.1")
     threading.Event().wait()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,8 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchlib import ROOT, FeedServer, exporter_command, free_port  # puts tests/ on sys.path
-from feedgen import LIVE_STATIONS, generate_feed
+from benchlib import ROOT, FeedServer, cpu_seconds, exporter_command, free_port, memory_kb  # tests/ on sys.path
+from feedgen import LIVE_STATIONS, GeneratedFeed, evolve, generate_feed
 
 UNCACHED = """
 import sys, threading
@@ -77,14 +78,75 @@ def measure(url: str, scrapes: int, gzipped: bool) -> float:
     return statistics.median(times) * 1000
 
 
+def last_success(port: int) -> float | None:
+    url = f"http://127.0.0.1:{port}/metrics?name[]=chargy_feed_last_success_timestamp_seconds"
+    with urllib.request.urlopen(url, timeout=60) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("chargy_feed_last_success_timestamp_seconds"):
+                return float(line.split()[-1])
+    return None
+
+
+def refreshes(feed: GeneratedFeed, count: int, log: object) -> dict[str, tuple[float, float, float]]:
+    """Each server, started afresh, refreshes `count` times while the feed changes state: (RSS after the first
+    refresh, RSS after all of them, in MB; CPU seconds per refresh). chargy-exporter refreshes on SIGHUP; the
+    original design on every scrape when its cache is 0 s (what it does once every 5 minutes)."""
+    server = FeedServer(feed.kml)
+    results = {}
+    try:
+        for name in ("chargy-exporter", "original design"):
+            port = free_port()
+            if name == "chargy-exporter":
+                command = [*exporter_command(), "--kml-url", server.url, "--host", "127.0.0.1", "--port", str(port)]
+            else:
+                original = str(ROOT / "benchmarks" / "original_design.py")
+                command = [
+                    sys.executable,
+                    original,
+                    "--kml-url",
+                    server.url,
+                    "--cache-seconds",
+                    "0",
+                    "--port",
+                    str(port),
+                ]
+            server.body = feed.kml
+            process = subprocess.Popen(command, stdout=log, stderr=log)  # type: ignore[arg-type]
+            try:
+                url = f"http://127.0.0.1:{port}/metrics"
+                wait_ready(url, 3 * len(feed.connectors))
+                first_rss = memory_kb(process.pid)["VmRSS"] / 1024
+                current, started = feed, cpu_seconds(process.pid)
+                for index in range(count):
+                    current = evolve(current, seed=index, state_changes=0.3)
+                    server.body = current.kml
+                    if name == "chargy-exporter":
+                        before = last_success(port)
+                        process.send_signal(signal.SIGHUP)
+                        while last_success(port) == before:
+                            time.sleep(0.1)  # between two looks at whether the refresh is done (each costs ~5 ms)
+                    else:
+                        scrape(url, False)
+                used = (cpu_seconds(process.pid) - started) / count
+                results[name] = (first_rss, memory_kb(process.pid)["VmRSS"] / 1024, used)
+            finally:
+                process.terminate()
+                process.wait()
+    finally:
+        server.close()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10], help="sizes, in live feeds")
     parser.add_argument("--scrapes", type=int, default=40)
     parser.add_argument("--skip-uncached", action="store_true")
+    parser.add_argument("--refreshes", type=int, default=30, help="refreshes with changing states, for memory and CPU")
     args = parser.parse_args()
 
     rows = []
+    refresh_rows = []
     for scale in args.scales:
         feed = generate_feed(stations=LIVE_STATIONS * scale, seed=1)
         series = 3 * len(feed.connectors)
@@ -119,6 +181,9 @@ def main() -> None:
                     process.terminate()
                     process.wait()
                 server.close()
+        with tempfile.TemporaryDirectory() as scratch, open(Path(scratch) / "log", "wb") as log:
+            for name, (first, last, cpu) in refreshes(feed, args.refreshes, log).items():
+                refresh_rows.append((len(feed.connectors), name, first, last, cpu))
         original = results["original design"][0]
         for name, (plain, gzipped) in results.items():
             rows.append((len(feed.connectors), name, plain, gzipped, plain / original))
@@ -128,6 +193,11 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|")
     for connectors, name, plain, gzipped, ratio in rows:
         print(f"| {connectors:,} | {name} | {plain:.1f} ms | {gzipped:.1f} ms | {ratio:.3f}× |")
+    print()
+    print(f"| connectors | server | RSS after the first refresh | after {args.refreshes} more | CPU per refresh |")
+    print("|---:|---|---:|---:|---:|")
+    for connectors, name, first, last, cpu in refresh_rows:
+        print(f"| {connectors:,} | {name} | {first:.1f} MB | {last:.1f} MB | {cpu * 1000:.0f} ms |")
 
 
 if __name__ == "__main__":
