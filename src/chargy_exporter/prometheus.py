@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import pickle
 import re
 import resource
 import socket
@@ -62,6 +63,8 @@ _MAX_MEDIA_RANGES: Final = 32
 _MAX_HEADER_CHARS: Final = 4096
 _QVALUE: Final = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 _SERIES_NAME: Final = re.compile(rb"[^{ ]*")
+# 4 rather than 6: half the CPU per refresh for a body 13% larger (75 KB instead of 66 KB for today's feed).
+GZIP_LEVEL: Final = 4
 
 
 def _media_ranges(header: str) -> Iterator[tuple[str, dict[str, str], float]]:
@@ -97,19 +100,23 @@ def gzip_wanted(accept_encoding: str) -> bool:
 
 
 class _Rendering:
-    """One collection, encoded at once in every format; the families are not kept (they pin several MB of the
-    collection's memory), and gzip bodies are compressed on first ask: at most one body per (format, gzipped)."""
+    """One collection's bodies: the plain body of each format asked for since the last render, encoded at once, the
+    rest on first ask; each compressed on first ask. The families are not kept as objects (they pin several MB of the
+    collection's memory) but pickled (~0.5 MB for today's feed), for a format nobody had asked for yet."""
 
-    def __init__(self, families: Iterable[Metric]) -> None:
-        collected = SimpleNamespace(collect=lambda: families)  # what prometheus_client's encoders read
-        self.bodies: dict[tuple[Format, bool], bytes] = {(fmt, False): fmt.encode(collected) for fmt in FORMATS}
+    def __init__(self, families: list[Metric], formats: Iterable[Format]) -> None:
+        self.bodies = {(fmt, False): fmt.encode(SimpleNamespace(collect=lambda: families)) for fmt in formats}
+        self._families = pickle.dumps(families) if len(self.bodies) < len(FORMATS) else b""
         self._lock = threading.Lock()
 
     def body(self, fmt: Format, gzipped: bool) -> bytes:
         if (fmt, gzipped) not in self.bodies:
-            with self._lock:  # each body compressed once, however many scrapes ask for it at the same time
-                if (fmt, gzipped) not in self.bodies:
-                    self.bodies[fmt, gzipped] = gzip.compress(self.bodies[fmt, False], compresslevel=6)
+            with self._lock:  # each body encoded and compressed once, however many scrapes ask for it at once
+                if (fmt, False) not in self.bodies:
+                    families = pickle.loads(self._families)  # our own bytes, from this process
+                    self.bodies[fmt, False] = fmt.encode(SimpleNamespace(collect=lambda: families))
+                if gzipped and (fmt, True) not in self.bodies:
+                    self.bodies[fmt, True] = gzip.compress(self.bodies[fmt, False], compresslevel=GZIP_LEVEL)
         return self.bodies[fmt, gzipped]
 
     def filtered(self, fmt: Format, names: set[str]) -> bytes:
@@ -119,7 +126,7 @@ class _Rendering:
         kept: list[bytes] = []
         metadata: list[bytes] = []  # of the family being read, until one of its samples is kept
         family = b""
-        for line in self.bodies[fmt, False].splitlines(keepends=True):
+        for line in self.body(fmt, False).splitlines(keepends=True):
             if line.startswith(b"# EOF"):  # OpenMetrics' last line
                 kept.append(line)
             elif line.startswith(b"#"):
@@ -222,7 +229,7 @@ class MetricsServer:
 class PrometheusEndpoint:
     def __init__(self, status_page: Callable[[], bytes] | None = None) -> None:
         self._status_page = status_page  # the HTML a browser gets at `/` (page.py)
-        self._rendering = _Rendering(())
+        self._rendering = _Rendering([], FORMATS)
         # Bodies asked for since the last render (a subset of FORMATS x gzip): the next render encodes them.
         self._asked: set[tuple[Format, bool]] = set()
         self._asked_lock = threading.Lock()
@@ -235,10 +242,10 @@ class PrometheusEndpoint:
         reader = PrometheusMetricReader(scope_info_enabled=False, registry=registry, cardinality_limits=pipeline.limits)
         with pipeline.attached(reader):
             families = list(registry.collect())
-        rendering = _Rendering(families)
-        del families  # before the compressions below: the collection's memory goes back first
         with self._asked_lock:
             asked, self._asked = self._asked, set()
+        rendering = _Rendering(families, {fmt for fmt, _ in asked} or {FORMATS[0]})
+        del families  # before the compressions below: the collection's memory goes back first
         for fmt, gzipped in asked:
             rendering.body(fmt, gzipped)
         self._rendering = rendering  # one reference swap: a scrape sees the old or the new rendering, whole
@@ -248,7 +255,7 @@ class PrometheusEndpoint:
         fmt, gzipped = negotiate(accept), gzip_wanted(accept_encoding)
         if names:
             plain = self._rendering.filtered(fmt, names)
-            return fmt.content_type, gzipped, gzip.compress(plain, compresslevel=6) if gzipped else plain
+            return fmt.content_type, gzipped, gzip.compress(plain, compresslevel=GZIP_LEVEL) if gzipped else plain
         with self._asked_lock:
             self._asked.add((fmt, gzipped))
         return fmt.content_type, gzipped, self._rendering.body(fmt, gzipped)
