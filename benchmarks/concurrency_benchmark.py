@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,51 +19,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from feedgen import generate_feed  # noqa: E402  (the feed generator only; this script does not use conftest)
-
-
-@contextmanager
-def feed_server(body: bytes) -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/vnd.google-earth.kml+xml")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/kml"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from feedgen import generate_feed  # noqa: E402
+from loopback import FeedServer, exporter_command, free_port  # noqa: E402
 
 
 @contextmanager
 def exporter(kml_url: str) -> Iterator[int]:
-    script = Path(sys.executable).parent / "chargy-exporter"
-    command = [str(script)] if script.exists() else [shutil.which("chargy-exporter") or "chargy-exporter"]
+    command = exporter_command()
     port = free_port()
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
@@ -148,7 +113,8 @@ def main() -> None:
 
     feed = generate_feed(connectors=args.connectors, seed=1)
     rows = []
-    with feed_server(feed.kml) as url, exporter(url) as port:
+    server = FeedServer(feed.kml)
+    with exporter(server.url) as port:
         wait_ready(port, len(feed.connectors))
         for gzipped in (False, True):
             scrape(port, gzipped)  # the first scrape of a format encodes it; the next renders keep it warm

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,8 +24,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchlib import ROOT, FeedServer, cpu_seconds, exporter_command, free_port, memory_kb  # tests/ on sys.path
-from feedgen import LIVE_STATIONS, GeneratedFeed, evolve, generate_feed
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # feedgen and loopback: standard library only, no pytest needed
+
+from feedgen import LIVE_STATIONS, GeneratedFeed, evolve, generate_feed  # noqa: E402
+from loopback import FeedServer, cpu_seconds, exporter_command, free_port, memory_kb  # noqa: E402
 
 UNCACHED = """
 import sys, threading
@@ -78,63 +80,64 @@ def measure(url: str, scrapes: int, gzipped: bool) -> float:
     return statistics.median(times) * 1000
 
 
-def last_success(port: int) -> float | None:
-    url = f"http://127.0.0.1:{port}/metrics?name[]=chargy_feed_last_success_timestamp_seconds"
-    with urllib.request.urlopen(url, timeout=60) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("chargy_feed_last_success_timestamp_seconds"):
-                return float(line.split()[-1])
-    return None
+# What Prometheus sends: OpenMetrics preferred, gzip.
+PROMETHEUS_HEADERS = {
+    "Accept": "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4",
+    "Accept-Encoding": "gzip",
+}
 
 
-def refreshes(feed: GeneratedFeed, count: int, log: object) -> dict[str, tuple[float, float, float]]:
-    """Each server, started afresh, refreshes `count` times while the feed changes state: (RSS after the first
-    refresh, RSS after all of them, in MB; CPU seconds per refresh). chargy-exporter refreshes on SIGHUP; the
-    original design on every scrape when its cache is 0 s (what it does once every 5 minutes)."""
-    server = FeedServer(feed.kml)
+def refreshes(
+    feed: GeneratedFeed, count: int, builds: dict[str, list[str]], log: object
+) -> dict[str, tuple[float, float, float]]:
+    """Each server, started afresh, refreshes `count` times while the feed changes state, with one Prometheus-like
+    scrape after each refresh: (RSS after the first refresh, RSS after all of them, in MB; CPU seconds per refresh,
+    that scrape included). The exporter builds refresh every second (the smallest interval; also builds without
+    SIGHUP); the original design refreshes on every scrape with its cache at 0 s (it does so every 5 minutes)."""
+    feeds = [feed]
+    for index in range(count + 1):
+        feeds.append(evolve(feeds[-1], seed=index, state_changes=0.3))
     results = {}
-    try:
-        for name in ("chargy-exporter", "original design"):
-            port = free_port()
-            if name == "chargy-exporter":
-                command = [*exporter_command(), "--kml-url", server.url, "--host", "127.0.0.1", "--port", str(port)]
-            else:
-                original = str(ROOT / "benchmarks" / "original_design.py")
-                command = [
-                    sys.executable,
-                    original,
-                    "--kml-url",
-                    server.url,
-                    "--cache-seconds",
-                    "0",
-                    "--port",
-                    str(port),
-                ]
-            server.body = feed.kml
-            process = subprocess.Popen(command, stdout=log, stderr=log)  # type: ignore[arg-type]
-            try:
-                url = f"http://127.0.0.1:{port}/metrics"
-                wait_ready(url, 3 * len(feed.connectors))
-                first_rss = memory_kb(process.pid)["VmRSS"] / 1024
-                current, started = feed, cpu_seconds(process.pid)
-                for index in range(count):
-                    current = evolve(current, seed=index, state_changes=0.3)
-                    server.body = current.kml
-                    if name == "chargy-exporter":
-                        before = last_success(port)
-                        process.send_signal(signal.SIGHUP)
-                        while last_success(port) == before:
-                            time.sleep(0.1)  # between two looks at whether the refresh is done (each costs ~5 ms)
-                    else:
-                        scrape(url, False)
-                used = (cpu_seconds(process.pid) - started) / count
-                results[name] = (first_rss, memory_kb(process.pid)["VmRSS"] / 1024, used)
-            finally:
-                process.terminate()
-                process.wait()
-    finally:
-        server.close()
+    for name, command in [*builds.items(), ("original design", [])]:
+        server = FeedServer(feed.kml)
+        server.set_responder(lambda handler, server=server: serve_next(handler, server, feeds))
+        port = free_port()
+        if command:
+            command = [*command, "--kml-url", server.url, "--host", "127.0.0.1", "--port", str(port)]
+            command += ["--refresh-interval", "1"]
+        else:
+            original = str(ROOT / "benchmarks" / "original_design.py")
+            command = [sys.executable, original, "--kml-url", server.url, "--cache-seconds", "0", "--port", str(port)]
+        process = subprocess.Popen(command, stdout=log, stderr=log)  # type: ignore[arg-type]
+        url = f"http://127.0.0.1:{port}/metrics"
+        try:
+            wait_ready(url, 3 * len(feed.connectors))
+            first_rss, started, served = memory_kb(process.pid)["VmRSS"] / 1024, cpu_seconds(process.pid), 0
+            for _ in range(count):
+                if name != "original design":
+                    # Another fetch: a refresh has begun (and the one before it is done: they are 1 s apart).
+                    while server.requests <= served:
+                        time.sleep(
+                            0.05
+                        )  # between two looks at the feed server's count, which costs the exporter nothing
+                    served = server.requests
+                urllib.request.urlopen(urllib.request.Request(url, headers=PROMETHEUS_HEADERS), timeout=60).read()
+            used = (cpu_seconds(process.pid) - started) / count
+            results[name] = (first_rss, memory_kb(process.pid)["VmRSS"] / 1024, used)
+        finally:
+            process.terminate()
+            process.wait()
+            server.close()
     return results
+
+
+def serve_next(handler: object, server: FeedServer, feeds: list[GeneratedFeed]) -> None:
+    """The n-th request gets the n-th feed: every refresh sees states change."""
+    body = feeds[min(server.requests, len(feeds) - 1)].kml
+    handler.send_response(200)  # type: ignore[attr-defined]
+    handler.send_header("Content-Length", str(len(body)))  # type: ignore[attr-defined]
+    handler.end_headers()  # type: ignore[attr-defined]
+    handler.wfile.write(body)  # type: ignore[attr-defined]
 
 
 def main() -> None:
@@ -143,6 +146,13 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=40)
     parser.add_argument("--skip-uncached", action="store_true")
     parser.add_argument("--refreshes", type=int, default=30, help="refreshes with changing states, for memory and CPU")
+    parser.add_argument(
+        "--compare-with",
+        metavar="EXPORTER",
+        action="append",
+        default=[],
+        help="another chargy-exporter executable (e.g. an older build in its own venv) for the refresh table",
+    )
     args = parser.parse_args()
 
     rows = []
@@ -182,7 +192,8 @@ def main() -> None:
                     process.wait()
                 server.close()
         with tempfile.TemporaryDirectory() as scratch, open(Path(scratch) / "log", "wb") as log:
-            for name, (first, last, cpu) in refreshes(feed, args.refreshes, log).items():
+            builds = {"chargy-exporter": exporter_command()} | {path: [path] for path in args.compare_with}
+            for name, (first, last, cpu) in refreshes(feed, args.refreshes, builds, log).items():
                 refresh_rows.append((len(feed.connectors), name, first, last, cpu))
         original = results["original design"][0]
         for name, (plain, gzipped) in results.items():

@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from benchlib import exporter_command, free_port, memory_kb, serve_on_loopback  # puts tests/ on sys.path
-from feedgen import GeneratedFeed, evolve, generate_feed
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # feedgen and loopback: standard library only, no pytest needed
+
+from feedgen import GeneratedFeed, evolve, generate_feed  # noqa: E402
+from loopback import cpu_seconds, exporter_command, free_port, memory_kb, serve_on_loopback  # noqa: E402
 
 API_KEY = "soak-secret-key-0000"
 SCRAPE_HEADERS = (
@@ -107,11 +110,6 @@ class ChurningFeedServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric_value(text: str, name: str) -> float | None:

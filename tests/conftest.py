@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,15 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from feedgen import generate_feed
 
-TEST_API_KEY = "test-secret-0123456789abcdef"
-
-
-def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
-    """A threading HTTP server on 127.0.0.1 (a free port), serving in a daemon thread until shutdown()."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
+# Re-exported: the test modules import these from conftest.
+from loopback import TEST_API_KEY, FeedServer, exporter_command, free_port, memory_kb, serve_on_loopback  # noqa: F401
 
 
 def unavailable(message: str, provider: str = ".ci/run") -> NoReturn:
@@ -52,16 +42,6 @@ def require_binary(
     unavailable(f"{name} is not installed ({package})", provider)
 
 
-def memory_kb(pid: int) -> dict[str, int]:
-    """Resident memory of a process now (VmRSS) and at its peak (VmHWM), in KiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
-
-
 POLL_INTERVAL = 0.05
 
 
@@ -78,73 +58,6 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, details: Cal
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s\n{details()}")
         time.sleep(POLL_INTERVAL)  # the pause between two checks of the condition
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# ---- the feed server ------------------------------------------------------------------------------------------
-
-Responder = Callable[[BaseHTTPRequestHandler], None]
-
-
-class FeedServer:
-    """Serves a KML body on 127.0.0.1 (URL carries an API-KEY, to check it never leaks); counts requests.
-
-    `set_body` changes what it serves; `set_responder` takes over the whole answer (fault injection).
-    """
-
-    def __init__(self) -> None:
-        self.body = b""
-        self.requests = 0
-        self.request_headers: list[dict[str, str]] = []
-        self.responder: Responder | None = None
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                with server._lock:
-                    server.requests += 1
-                    server.request_headers.append(dict(self.headers))
-                    responder = server.responder
-                    body = server.body
-                if responder is not None:
-                    responder(self)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/vnd.google-earth.kml+xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._httpd = serve_on_loopback(Handler)
-        self.port = self._httpd.server_address[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/b2bev-external-services/resources/kml?API-KEY={TEST_API_KEY}"
-
-    def set_body(self, body: bytes) -> None:
-        with self._lock:
-            self.body = body
-            self.responder = None
-
-    def set_responder(self, responder: Responder | None) -> None:
-        with self._lock:
-            self.responder = responder
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
 
 @pytest.fixture
@@ -218,14 +131,6 @@ def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 1
 
 
 # ---- the real exporter process ------------------------------------------------------------------------------------
-
-
-def exporter_command() -> list[str]:
-    script = Path(sys.executable).parent / "chargy-exporter"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("chargy-exporter")
-    return [found] if found else [sys.executable, "-m", "chargy_exporter"]
 
 
 class ExporterProcess:
