@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +21,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from feedgen import generate_feed
 
 # Re-exported: the test modules import these from conftest.
-from loopback import TEST_API_KEY, FeedServer, exporter_command, free_port, memory_kb, serve_on_loopback  # noqa: F401
+from loopback import (  # noqa: F401
+    TEST_API_KEY,
+    FeedServer,
+    exporter_command,
+    free_port,
+    memory_kb,
+    serve_on_loopback,
+    wait_until,
+)
 
 
 def unavailable(message: str, provider: str = ".ci/run") -> NoReturn:
@@ -40,24 +47,6 @@ def require_binary(
     if path:
         return path
     unavailable(f"{name} is not installed ({package})", provider)
-
-
-POLL_INTERVAL = 0.05
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, details: Callable[[], str] = str) -> Any:
-    """Checks `check()` until it returns something true, and returns that; fails after `timeout` seconds.
-
-    The deadline bounds how long the condition may take on a slow machine: nothing here waits for the clock.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s\n{details()}")
-        time.sleep(POLL_INTERVAL)  # the pause between two checks of the condition
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """What the tests and the benchmarks share to run the exporter against a feed on 127.0.0.1: a feed server, free
-ports, the exporter's command, and a process's memory and CPU from /proc.
+ports, the exporter's command, a process's memory and CPU from /proc, and waiting for a condition.
 
 Standard library only, like feedgen.py: the benchmarks import it after the README's plain install, without pytest.
 """
@@ -11,6 +11,7 @@ import shutil
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -82,6 +83,24 @@ class FeedServer:
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+POLL_INTERVAL = 0.05
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, details: Callable[[], str] = str) -> Any:
+    """Checks `check()` until it returns something true, and returns that; fails after `timeout` seconds.
+
+    The deadline bounds how long the condition may take on a slow machine: nothing here waits for the clock.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s\n{details()}")
+        time.sleep(POLL_INTERVAL)  # the pause between two checks of the condition
 
 
 def free_port() -> int:

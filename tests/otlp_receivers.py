@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 import grpc
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
+from loopback import wait_until
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -140,11 +140,7 @@ class ReceiverBase:
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
         """Until `predicate()` holds; `timeout` only bounds a test that would otherwise hang."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"receiver: {what} not met in {timeout} s ({len(self.requests())} requests)")
-            time.sleep(0.02)
+        wait_until(predicate, timeout, f"receiver: {what}", lambda: f"{len(self.requests())} requests")
 
 
 def iter_points(request: ExportMetricsServiceRequest) -> Iterator[tuple[Any, str, Any]]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import http_get, memory_kb, parse_exposition
+from conftest import http_get, memory_kb, parse_exposition, wait_until
 from feedgen import generate_feed
 from opentelemetry.sdk.resources import Resource
 from test_prometheus import CLOSED_SET, hostile_requests, scrape_all
@@ -159,10 +159,8 @@ def test_shutdown_is_quick_and_complete_with_connections_open():
         assert time.monotonic() - started < 2
         # The loop and the workers are gone, the connections closed, the port free.
         assert not any(thread.name == "metrics-http" for thread in threading.enumerate())
-        deadline = time.monotonic() + 2  # a worker told to stop has still to return from its last line
-        while threading.active_count() > served.threads_before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert threading.active_count() <= served.threads_before
+        # A worker told to stop has still to return from its last line.
+        wait_until(lambda: threading.active_count() <= served.threads_before, 10, "the workers to end")
         assert wait_all_closed_by_server(sockets, time.monotonic() + 5) == len(sockets)
         with socket.socket() as sock:  # no listener left (the closed connections may linger in TIME_WAIT)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

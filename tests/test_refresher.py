@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from feedgen import generate_feed
+from loopback import wait_until
 
 from chargy_exporter import refresher as refresher_module
 from chargy_exporter.config import Config, RedactingFilter
@@ -171,22 +172,19 @@ def test_a_short_interval_caps_the_retry_delay() -> None:
 
 
 def test_loop_uses_the_retry_delay_then_the_interval() -> None:
-    refresher, client, published = make([FeedError("connection", "refused")] * 3 + [FEED.kml] * 100, interval=1)
+    refresher, client, published = make([FeedError("connection", "refused")] * 3 + [FEED.kml] * 100, interval=300)
     refresher.retry_delay = lambda failures: 0.05  # type: ignore[method-assign]
     refresher.start()
-    deadline = time.monotonic() + 5
-    while not (published and published[-1].status.up) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: published and published[-1].status.up, 30, "a success after the retries")
     refresher.stop()
-    assert published[-1].status.up
     assert published[-1].status.errors == {"connection": 3}
-    assert len(client.validators_seen) == 4  # three quick retries, then one success and a 1 s wait
+    assert len(client.validators_seen) == 4  # three quick retries, one success, then the 300 s interval
 
 
 def test_stop_is_prompt_between_refreshes() -> None:
-    refresher, _, _ = make([FEED.kml], interval=300)
+    refresher, _, published = make([FEED.kml], interval=300)
     refresher.start()
-    time.sleep(0.2)
+    wait_until(lambda: published, 30, "the first refresh")  # now waiting for the next one, 300 s away
     started = time.monotonic()
     refresher.stop()
     assert time.monotonic() - started < 1
