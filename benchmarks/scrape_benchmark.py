@@ -96,7 +96,7 @@ def refreshes(
     SIGHUP); the original design refreshes on every scrape with its cache at 0 s (it does so every 5 minutes)."""
     feeds = [feed]
     for index in range(count + 1):
-        feeds.append(evolve(feeds[-1], seed=index, state_changes=0.3))
+        feeds.append(evolve(feeds[-1], seed=index, state_changes=0.3, removed=0))  # the same connectors
     results = {}
     for name, command in [*builds.items(), ("original design", [])]:
         server = FeedServer(feed.kml)
