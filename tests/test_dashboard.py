@@ -234,7 +234,11 @@ class Stack:
             with urllib.request.urlopen(url, timeout=30) as response:
                 body = json.load(response)
         except urllib.error.HTTPError as error:
-            body = json.load(error)
+            text = error.read()
+            try:
+                body = json.loads(text)
+            except ValueError:
+                raise error from None  # not the API's answer (a 503 while Prometheus starts): an OSError, not ready
         assert body["status"] == "success", f"{path} {params}: {body.get('errorType')}: {body.get('error')}"
         return body["data"]
 
