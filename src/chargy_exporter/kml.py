@@ -20,7 +20,6 @@ import xmltodict
 
 from .model import MAX_CONNECTORS, Connector, Device, Snapshot, Station
 
-KML_NAMESPACE: Final = "http://www.opengis.net/kml/2.2"
 # What one document may make the exporter hold: the byte cap alone does not bound it (20 MiB of `<x a="1"/>` is
 # 2 million dicts). The real feed has ~20,000 elements and attributes (~12 a connector) and device values of ~500
 # bytes: ten times that fits. The element budget grows with --max-connectors.
@@ -79,13 +78,13 @@ def _parse_xml(document: bytes, max_nodes: int) -> dict[str, Any]:
         # Called for every element and attribute as it is read: count them, drop what the feed model never reads.
         if next(nodes) > max_nodes:
             raise KmlError("too_many_records", f"the document has over {max_nodes} XML elements, refused")
+        if key[0] != "@":
+            key = key.rpartition(":")[2]  # kml:Placemark: read by its local name, whatever prefix the KML has
         return (key, value) if key in _KEPT or len(path) <= 1 else None
 
     try:
         parsed = xmltodict.parse(
             document,
-            process_namespaces=True,
-            namespaces={KML_NAMESPACE: None},
             force_list=("Placemark", "Data"),
             disable_entities=True,
             postprocessor=keep_what_is_used,

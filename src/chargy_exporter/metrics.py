@@ -1,9 +1,9 @@
 """OpenTelemetry instruments over the published `State`: one MeterProvider for the process.
 
-A publish builds the observations once; the callbacks only hand those lists over (no parsing, no I/O). The SDK
-keeps, per reader, every attribute set ever observed, so the Prometheus path keeps no reader: each publish attaches
-a fresh one (`attached`), collects once and removes it. The OTLP reader lives on, its cardinality limit sized from
-`max_connectors`, so its stale sets are bounded and nothing is folded into an overflow series.
+The callbacks turn the published snapshot into observations as a collection reads them (no parsing, no I/O): none are
+kept between collections. The SDK keeps, per reader, every attribute set ever observed, so the Prometheus path keeps
+no reader: it collects through one made for that collection (`attached`). The OTLP reader lives on, its cardinality
+limit sized from `max_connectors`, so its stale sets are bounded and nothing is folded into an overflow series.
 """
 
 from __future__ import annotations
@@ -14,9 +14,16 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.metrics import Exemplar, ExemplarReservoir, MeterProvider, ObservableCounter, ObservableGauge
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    Exemplar,
+    ExemplarReservoir,
+    MeterProvider,
+    ObservableCounter,
+    ObservableGauge,
+)
 from opentelemetry.sdk.metrics.export import CardinalityLimits, MetricReader
-from opentelemetry.sdk.metrics.view import View
+from opentelemetry.sdk.metrics.view import LastValueAggregation, SumAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.util.types import Attributes
 
@@ -25,6 +32,7 @@ from .model import MAX_CONNECTORS, REFRESH_ERROR_REASONS, SIMPLIFIED_STATES, SKI
 from .status import State
 
 ReaderFactory = Callable[[CardinalityLimits], MetricReader]
+Observe = Callable[[State], Iterable[Observation]]
 
 # Room above the series a collection holds (self-metrics, a few stations more than connectors...).
 _SLACK: Final = 1024
@@ -33,73 +41,65 @@ _SLACK: Final = 1024
 _SETS_PER_CONNECTOR: Final = 8
 
 
-# Instruments: (name, counter or gauge, unit, description). Callbacks hand over the lists a publish built.
-_INSTRUMENTS: Final = (
-    ("chargy_connector_state", "gauge", "",
-     "Simplified connector state: 1 for the current one of available|charging|unavailable, else 0"),
-    ("chargy_connector_detailed_state_info", "gauge", "", "Raw upstream connector state (OCPP-like), always 1"),
-    ("chargy_station_info", "gauge", "", "Station address and coordinates (WGS84), always 1"),
-    ("chargy_feed_up", "gauge", "", "1 if the last feed refresh succeeded, else 0"),
-    ("chargy_feed_last_success_timestamp_seconds", "gauge", "s", "Unix time of the last successful feed refresh"),
-    ("chargy_feed_refresh_duration_seconds", "gauge", "s", "Duration of the last feed refresh (fetch and parse)"),
-    ("chargy_feed_refresh_errors", "counter", "", "Failed feed refreshes, by reason"),
-    ("chargy_feed_skipped_records", "counter", "",
-     "Feed records skipped while parsing (bad device JSON, connector without state...), by reason"),
-    ("chargy_stations", "gauge", "", "Stations in the served data"),
-    ("chargy_devices", "gauge", "", "Devices in the served data"),
-    ("chargy_connectors", "gauge", "", "Connectors in the served data"),
-)  # fmt: skip
-Observations = dict[str, list[Observation]]
-
-
-def _coordinate(value: float | None) -> str:
-    return "" if value is None else repr(value)
-
-
-def observe_snapshot(snapshot: Snapshot) -> Observations:
-    """The connector and station series of a snapshot: built once per snapshot."""
-    connector_state: list[Observation] = []
-    detailed_state: list[Observation] = []
+def _connector_states(snapshot: Snapshot) -> Iterator[Observation]:
     for row in snapshot.rows():
-        connector = row.connector
+        connector, state = row.connector, row.connector.state
         labels = {"connector": connector.name, "device": row.device.name, "station": row.station.name,
                   "speed": connector.speed}  # fmt: skip
         for simplified in SIMPLIFIED_STATES:
-            value = 1 if simplified == connector.state else 0
-            connector_state.append(Observation(value, {**labels, "chargy_connector_state": simplified}))
-        detailed_state.append(Observation(1, {**labels, "state": connector.raw_state}))
-    station_info = [
-        Observation(1, {"station": station.name, "address": station.address,
-                        "latitude": _coordinate(station.latitude), "longitude": _coordinate(station.longitude)})
-        for station in snapshot.stations
-    ]  # fmt: skip
-    return {
-        "chargy_connector_state": connector_state,
-        "chargy_connector_detailed_state_info": detailed_state,
-        "chargy_station_info": station_info,
-    }
+            yield Observation(1 if simplified == state else 0, {**labels, "chargy_connector_state": simplified})
 
 
-def observe_status(state: State) -> Observations:
-    snapshot, status = state.snapshot, state.status
+def _detailed_states(snapshot: Snapshot) -> Iterator[Observation]:
+    for row in snapshot.rows():
+        connector = row.connector
+        yield Observation(1, {"connector": connector.name, "device": row.device.name, "station": row.station.name,
+                              "speed": connector.speed, "state": connector.raw_state})  # fmt: skip
 
-    def counts(totals: Mapping[str, int], known: Iterable[str]) -> list[Observation]:
-        # Every known reason from the start at 0, so rate() and increase() work from the first error on.
-        return [Observation(totals.get(reason, 0), {"reason": reason}) for reason in sorted({*known, *totals})]
 
-    def optional(value: float | None) -> list[Observation]:
-        return [] if value is None else [Observation(value)]
+def _station_infos(snapshot: Snapshot) -> Iterator[Observation]:
+    for station in snapshot.stations:
+        latitude, longitude = ("" if value is None else repr(value) for value in (station.latitude, station.longitude))
+        yield Observation(1, {"station": station.name, "address": station.address, "latitude": latitude,
+                              "longitude": longitude})  # fmt: skip
 
-    return {
-        "chargy_feed_up": [Observation(1 if status.up else 0)],
-        "chargy_feed_last_success_timestamp_seconds": optional(status.last_success_time),
-        "chargy_feed_refresh_duration_seconds": optional(status.last_refresh_duration),
-        "chargy_feed_refresh_errors": counts(status.errors, REFRESH_ERROR_REASONS),
-        "chargy_feed_skipped_records": counts(status.skipped, SKIP_REASONS),
-        "chargy_stations": [Observation(len(snapshot.stations))],
-        "chargy_devices": [Observation(snapshot.device_count)],
-        "chargy_connectors": [Observation(snapshot.connector_count)],
-    }
+
+def _counts(totals: Mapping[str, int], known: Iterable[str]) -> list[Observation]:
+    # Every known reason from the start at 0, so rate() and increase() work from the first error on.
+    return [Observation(totals.get(reason, 0), {"reason": reason}) for reason in sorted({*known, *totals})]
+
+
+def _optional(value: float | None) -> list[Observation]:
+    return [] if value is None else [Observation(value)]
+
+
+# Instruments: (name, counter or gauge, unit, description, what it observes of the published state).
+_INSTRUMENTS: Final[tuple[tuple[str, str, str, str, Observe], ...]] = (
+    ("chargy_connector_state", "gauge", "",
+     "Simplified connector state: 1 for the current one of available|charging|unavailable, else 0",
+     lambda state: _connector_states(state.snapshot)),
+    ("chargy_connector_detailed_state_info", "gauge", "", "Raw upstream connector state (OCPP-like), always 1",
+     lambda state: _detailed_states(state.snapshot)),
+    ("chargy_station_info", "gauge", "", "Station address and coordinates (WGS84), always 1",
+     lambda state: _station_infos(state.snapshot)),
+    ("chargy_feed_up", "gauge", "", "1 if the last feed refresh succeeded, else 0",
+     lambda state: [Observation(1 if state.status.up else 0)]),
+    ("chargy_feed_last_success_timestamp_seconds", "gauge", "s", "Unix time of the last successful feed refresh",
+     lambda state: _optional(state.status.last_success_time)),
+    ("chargy_feed_refresh_duration_seconds", "gauge", "s", "Duration of the last feed refresh (fetch and parse)",
+     lambda state: _optional(state.status.last_refresh_duration)),
+    ("chargy_feed_refresh_errors", "counter", "", "Failed feed refreshes, by reason",
+     lambda state: _counts(state.status.errors, REFRESH_ERROR_REASONS)),
+    ("chargy_feed_skipped_records", "counter", "",
+     "Feed records skipped while parsing (bad device JSON, connector without state...), by reason",
+     lambda state: _counts(state.status.skipped, SKIP_REASONS)),
+    ("chargy_stations", "gauge", "", "Stations in the served data",
+     lambda state: [Observation(len(state.snapshot.stations))]),
+    ("chargy_devices", "gauge", "", "Devices in the served data",
+     lambda state: [Observation(state.snapshot.device_count)]),
+    ("chargy_connectors", "gauge", "", "Connectors in the served data",
+     lambda state: [Observation(state.snapshot.connector_count)]),
+)  # fmt: skip
 
 
 class _NoExemplars(ExemplarReservoir):
@@ -116,12 +116,16 @@ class _NoExemplars(ExemplarReservoir):
         return []
 
 
+def _no_exemplars(_aggregation: type) -> type[_NoExemplars]:
+    return _NoExemplars
+
+
 def _limits(series: int) -> CardinalityLimits:
     return {ObservableGauge: series + _SLACK, ObservableCounter: series + _SLACK}
 
 
 class MetricsPipeline:
-    """The process' MeterProvider, its instruments, and the observations they report.
+    """The process' MeterProvider, its instruments, and the state they report.
 
     `readers` are long-lived (OTLP push), made once; `on_published` hooks run after every publish and may
     collect through a reader of their own, attached for that collection only (the Prometheus endpoint).
@@ -137,51 +141,52 @@ class MetricsPipeline:
         max_connectors: int = MAX_CONNECTORS,
     ) -> None:
         self._on_published = tuple(on_published)
+        # Held by a publish and its renders, and by a collection through `attached`: neither sees a publish midway.
         self._lock = threading.RLock()
-        self._current_snapshot: Snapshot | None = None
-        self._snapshot_observations = observe_snapshot(Snapshot(()))
-        self._observations = {**self._snapshot_observations, **observe_status(State())}
+        self._state = State()
         long_lived = _limits(_SETS_PER_CONNECTOR * max_connectors)
         self._provider: MeterProvider | None = MeterProvider(
             metric_readers=[factory(long_lived) for factory in readers],
             resource=resource,
-            views=[View(instrument_name="*", exemplar_reservoir_factory=lambda _aggregation: _NoExemplars)],
+            # The aggregation named, not the default one: the SDK then skips a type dispatch per series and collection.
+            views=[
+                View(instrument_type=kind, aggregation=aggregation, exemplar_reservoir_factory=_no_exemplars)
+                for kind, aggregation in (
+                    (ObservableGauge, LastValueAggregation()),
+                    (ObservableCounter, SumAggregation()),
+                )
+            ],
+            exemplar_filter=AlwaysOffExemplarFilter(),  # no observation carries a trace: nothing to look up
             shutdown_on_exit=False,
         )
         meter = self._provider.get_meter("chargy_exporter", __version__)
-        for name, kind, unit, description in _INSTRUMENTS:
+        for name, kind, unit, description, observe in _INSTRUMENTS:
             create = meter.create_observable_counter if kind == "counter" else meter.create_observable_gauge
-            create(name, [self._callback(name)], unit=unit, description=description)
+            create(name, [self._callback(observe)], unit=unit, description=description)
         for register in instruments:
             register(meter)
         self.notify()  # outputs show feed_up 0 and no connector data until the first refresh
 
-    @property
-    def limits(self) -> CardinalityLimits:
-        """Cardinality limits for a reader that collects the current observations once."""
-        return _limits(max(len(series) for series in self._observations.values()))
-
     @contextmanager
-    def attached(self, reader: MetricReader) -> Iterator[None]:
-        """`reader` reads the provider while inside: its storage starts empty and goes with it."""
-        provider = self._provider
-        if provider is None:
-            raise RuntimeError("the pipeline is shut down")
-        provider.add_metric_reader(reader)
-        try:
-            yield
-        finally:
-            provider.remove_metric_reader(reader)  # also shuts the reader down
+    def attached(self, make_reader: ReaderFactory) -> Iterator[MetricReader]:
+        """A reader sized for the published state, reading the provider while inside; its storage starts empty and
+        goes with it. No publish happens inside, so its limits hold for every collection it makes there."""
+        with self._lock:
+            if self._provider is None:
+                raise RuntimeError("the pipeline is shut down")
+            snapshot = self._state.snapshot
+            # The largest instrument: three series per connector, or one per station.
+            reader = make_reader(_limits(max(3 * snapshot.connector_count, len(snapshot.stations))))
+            self._provider.add_metric_reader(reader)
+            try:
+                yield reader
+            finally:
+                self._provider.remove_metric_reader(reader)  # also shuts the reader down
 
     def publish(self, state: State) -> None:
         """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up."""
-        # A failed refresh or a 304 publishes the same snapshot again: only the feed's status changed.
-        if state.snapshot is not self._current_snapshot:
-            self._snapshot_observations = observe_snapshot(state.snapshot)
         with self._lock:
-            # One swap: a collection reads either the old or the new observations, whole.
-            self._observations = {**self._snapshot_observations, **observe_status(state)}
-            self._current_snapshot = state.snapshot
+            self._state = state
             self.notify()
 
     def notify(self) -> None:
@@ -205,5 +210,6 @@ class MetricsPipeline:
                 self._provider.shutdown(timeout_millis=timeout_millis)
                 self._provider = None
 
-    def _callback(self, name: str) -> Callable[[CallbackOptions], list[Observation]]:
-        return lambda _options: self._observations[name]
+    def _callback(self, observe: Observe) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        # Reads the state once: a collection on another thread (OTLP) sees one snapshot per instrument.
+        return lambda _options: observe(self._state)

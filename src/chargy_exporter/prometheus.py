@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import pickle
 import re
 import resource
 import socket
@@ -21,6 +20,7 @@ from urllib.parse import parse_qsl
 
 import waitress
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics.export import CardinalityLimits
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest as text_generate_latest
 from prometheus_client.metrics_core import Metric
@@ -100,21 +100,20 @@ def gzip_wanted(accept_encoding: str) -> bool:
 
 
 class _Rendering:
-    """One collection's bodies: the plain body of each format asked for since the last render, encoded at once, the
-    rest on first ask; each compressed on first ask. The families are not kept as objects (they pin several MB of the
-    collection's memory) but pickled (~0.5 MB for today's feed), for a format nobody had asked for yet."""
+    """One collection's bodies: the plain body of each format asked for since the last render, encoded at once; each
+    compressed on first ask. A format nobody had asked for is encoded on its first ask from a collection of its own
+    (`collect`): keeping the families for it would pin several MB of the collection's memory."""
 
-    def __init__(self, families: list[Metric], formats: Iterable[Format]) -> None:
-        self.bodies = {(fmt, False): fmt.encode(SimpleNamespace(collect=lambda: families)) for fmt in formats}
-        self._families = pickle.dumps(families) if len(self.bodies) < len(FORMATS) else b""
+    def __init__(self, bodies: dict[tuple[Format, bool], bytes], collect: Callable[[], list[Metric]]) -> None:
+        self.bodies = bodies
+        self._collect = collect
         self._lock = threading.Lock()
 
     def body(self, fmt: Format, gzipped: bool) -> bytes:
         if (fmt, gzipped) not in self.bodies:
             with self._lock:  # each body encoded and compressed once, however many scrapes ask for it at once
                 if (fmt, False) not in self.bodies:
-                    families = pickle.loads(self._families)  # our own bytes, from this process
-                    self.bodies[fmt, False] = fmt.encode(SimpleNamespace(collect=lambda: families))
+                    self.bodies[fmt, False] = _encode(fmt, self._collect())
                 if gzipped and (fmt, True) not in self.bodies:
                     self.bodies[fmt, True] = gzip.compress(self.bodies[fmt, False], compresslevel=GZIP_LEVEL)
         return self.bodies[fmt, gzipped]
@@ -139,6 +138,28 @@ class _Rendering:
                 metadata = []
                 kept.append(line)
         return b"".join(kept)
+
+
+def _collect(pipeline: MetricsPipeline) -> list[Metric]:
+    """The metric families of the published state, through a reader attached for this collection only: its storage
+    of every series goes with it."""
+    registry = CollectorRegistry(auto_describe=False)
+
+    def make_reader(limits: CardinalityLimits) -> PrometheusMetricReader:
+        # No otel_scope_* labels: the series' labels are exactly the documented contract.
+        return PrometheusMetricReader(scope_info_enabled=False, registry=registry, cardinality_limits=limits)
+
+    with pipeline.attached(make_reader):
+        return list(registry.collect())
+
+
+def _encode(fmt: Format, families: list[Metric]) -> bytes:
+    return fmt.encode(SimpleNamespace(collect=lambda: families))
+
+
+def _encoded(pipeline: MetricsPipeline, formats: Iterable[Format]) -> list[bytes]:
+    families = _collect(pipeline)
+    return [_encode(fmt, families) for fmt in formats]
 
 
 class BadQuery(ValueError):
@@ -232,23 +253,23 @@ class MetricsServer:
 class PrometheusEndpoint:
     def __init__(self, status_page: Callable[[], bytes] | None = None) -> None:
         self._status_page = status_page  # the HTML a browser gets at `/` (page.py)
-        self._rendering = _Rendering([], FORMATS)
-        # Bodies asked for since the last render (a subset of FORMATS x gzip): the next render encodes them.
+        self._rendering = _Rendering({}, list)  # until the pipeline renders: empty bodies
+        # Bodies asked for since the last render, and in the period before it (a subset of FORMATS x gzip): a render
+        # encodes them. Two periods, so that a scrape landing just before or just after a render counts for both.
         self._asked: set[tuple[Format, bool]] = set()
+        self._asked_before: set[tuple[Format, bool]] = set()
         self._asked_lock = threading.Lock()
 
     def render(self, pipeline: MetricsPipeline) -> None:
-        """Collect once, through a reader attached for this collection only (its storage of every series goes with
-        it), and keep the result for the scrapes until the next render."""
-        registry = CollectorRegistry(auto_describe=False)
-        # No otel_scope_* labels: the series' labels are exactly the documented contract.
-        reader = PrometheusMetricReader(scope_info_enabled=False, registry=registry, cardinality_limits=pipeline.limits)
-        with pipeline.attached(reader):
-            families = list(registry.collect())
+        """Collect once and keep the bodies for the scrapes until the next render."""
         with self._asked_lock:
-            asked, self._asked = self._asked, set()
-        rendering = _Rendering(families, {fmt for fmt, _ in asked} or {FORMATS[0]})
-        del families  # before the compressions below: the collection's memory goes back first
+            asked = self._asked | self._asked_before
+            self._asked_before, self._asked = self._asked, set()
+        formats = list({fmt for fmt, _ in asked})  # none: nobody scrapes, nothing to collect until someone does
+        plain = _encoded(pipeline, formats) if formats else []
+        # Made once the collection's objects are gone: what the rendering keeps is not left among them, where each
+        # small object would keep a whole allocator arena (1 MiB) from going back to the system.
+        rendering = _Rendering(dict(zip([(fmt, False) for fmt in formats], plain)), lambda: _collect(pipeline))
         for fmt, gzipped in asked:
             rendering.body(fmt, gzipped)
         self._rendering = rendering  # one reference swap: a scrape sees the old or the new rendering, whole

@@ -6,6 +6,7 @@ sooner than the interval (exponential backoff with jitter, capped by the interva
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import threading
@@ -70,6 +71,9 @@ class Refresher:
             except Exception:  # publishing failed (an output's hook): keep refreshing all the same
                 log.exception("publishing the refreshed data failed")
                 delay = self.retry_delay(1)
+            # A full collection also empties the interpreter's free lists, which keep thousands of the refresh's
+            # tuples and dicts, each holding a 1 MiB allocator arena: without it the process keeps ~10 MB more.
+            gc.collect()
             self._wake.wait(max(0.0, delay - (time.monotonic() - started)))
             self._wake.clear()
 
