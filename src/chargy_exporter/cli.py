@@ -48,7 +48,6 @@ def quiet_grpc_core(environ: MutableMapping[str, str], debugging: bool) -> None:
 
 
 def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipeline:
-    """A MetricsPipeline with the outputs OTEL_METRICS_EXPORTER / --metrics-exporter ask for."""
     prometheus = "prometheus" in config.metrics_exporter.split(",")
     push = OtlpPush(config.otlp) if config.otlp is not None else None
     pipeline = MetricsPipeline(

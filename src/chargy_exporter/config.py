@@ -61,13 +61,11 @@ class OtlpSettings:
     def shown_endpoint(self) -> str:
         """The receiver, for logs, without userinfo, query or fragment. Without ours, the one the SDK resolves
         from the standard variables (it does not tell), by the OTLP exporter specification's rules."""
-        endpoint = self.endpoint or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-        if not endpoint:
-            base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-            if self.protocol == GRPC:
-                endpoint = base or "http://localhost:4317"
-            else:
-                endpoint = f"{(base or 'http://localhost:4318').rstrip('/')}/v1/metrics"
+        specific = self.endpoint or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if self.protocol != GRPC:
+            base = f"{(base or 'http://localhost:4318').rstrip('/')}/v1/metrics"
+        endpoint = specific or base or "http://localhost:4317"
         parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")  # gRPC's host:port
         host = parts.netloc.rpartition("@")[2]
         return parts._replace(netloc=host, query="", fragment="").geturl().removeprefix("//")
@@ -102,7 +100,6 @@ class Config:
 
     @property
     def otlp(self) -> OtlpSettings | None:
-        """The OTLP push settings, None when otlp is not among the exporters."""
         if "otlp" not in self.metrics_exporter.split(","):
             return None
         seconds = [ms / 1000 for ms in (self.otlp_timeout, self.otlp_export_interval, self.otlp_export_timeout)]
@@ -170,7 +167,6 @@ class RedactingFilter(logging.Filter):
 
 
 def local_feed_path(url: str) -> Path:
-    """The file a `file://` URL or a plain path names."""
     parts = urlsplit(url)
     return Path(unquote(parts.path)) if parts.scheme == "file" else Path(url)
 
@@ -195,8 +191,6 @@ def _kml_url(text: str) -> str:
 
 
 def _number(low: float, high: float, unit: str, parse: Callable[[str], float] = float) -> Callable[[str], float]:
-    """A number of `unit` from `low` to `high`, read by `parse` (int for whole numbers)."""
-
     def convert(text: str) -> float:
         try:
             number = parse(text)

@@ -146,15 +146,14 @@ class FeedClient:
         url = self._config.kml_url
         with self._deadline() as fired, self._session.get(url, headers=headers, timeout=timeout, stream=True) as answer:
             status = answer.status_code
+            if status == 304:
+                return FetchResult(None, validators)
             if status in (401, 403):
                 key = "set --kml-url / KML_URL with a valid key"
                 raise FeedError("unauthorized", f"the feed refused the API key (HTTP {status}): {key}")
-            if status not in (200, 304):
-                raise FeedError(
-                    "http_5xx" if 500 <= status < 600 else "http_status", f"the feed answered HTTP {status}"
-                )
-            if status == 304:
-                return FetchResult(None, validators)
+            if status != 200:
+                reason = "http_5xx" if 500 <= status < 600 else "http_status"
+                raise FeedError(reason, f"the feed answered HTTP {status}")
             declared, limit = answer.headers.get("Content-Length", ""), self._config.max_feed_bytes
             if declared.isdigit() and int(declared) > limit and "Content-Encoding" not in answer.headers:
                 raise FeedError("too_large", f"the feed announces {declared} bytes, over the {limit}-byte limit")
@@ -189,7 +188,6 @@ class FeedClient:
             del _fetch.deadline, _fetch.connections
 
     def _capped(self, chunks: Iterable[bytes]) -> bytes:
-        """The chunks joined; FeedError as soon as they are over --max-feed-bytes."""
         limit, kept, size = self._config.max_feed_bytes, [], 0
         for chunk in chunks:
             size += len(chunk)

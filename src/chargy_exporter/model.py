@@ -44,7 +44,6 @@ RAW_STATE_MAP: Final = MappingProxyType(
 
 
 def simplify_state(raw_state: str) -> str:
-    """Map a raw upstream state to available|charging|unavailable (unknown states are unavailable)."""
     return RAW_STATE_MAP.get(raw_state.strip().upper(), UNAVAILABLE)
 
 
@@ -132,13 +131,12 @@ class Snapshot:
     @cached_property
     def counts(self) -> NetworkCounts:
         # Computed on first use and kept: the snapshot never changes, and the status page asks on every request.
-        by_state: Counter[str] = Counter()
-        without_available = 0
-        for station in self.stations:
-            states = [connector.state for device in station.devices for connector in device.connectors]
-            by_state.update(states)
-            if AVAILABLE not in states:
-                without_available += 1
+        per_station = [
+            [connector.state for device in station.devices for connector in device.connectors]
+            for station in self.stations
+        ]
+        by_state = Counter(state for states in per_station for state in states)
+        without_available = sum(1 for states in per_station if AVAILABLE not in states)
         return NetworkCounts(
             by_state[AVAILABLE], by_state[CHARGING], by_state[UNAVAILABLE], len(self.stations), without_available
         )

@@ -92,8 +92,7 @@ class _Watched(MetricExporter):
 
 
 def make_sdk_exporter(settings: OtlpSettings, report: Report) -> MetricExporter:
-    """The SDK's OTLP exporter for `settings` (grpc is imported only here, for gRPC); `report` hears every export's
-    outcome. What is not given here the exporter reads from its OTEL_EXPORTER_OTLP_* variables itself."""
+    """The SDK's OTLP exporter for `settings` (grpc is imported only here, for gRPC); `report` hears every outcome."""
     for name in SDK_EXPORTER_LOGGERS:
         logging.getLogger(name).addFilter(_lower_to_debug)  # added only if not there yet
     options = dict(endpoint=settings.endpoint, timeout=settings.timeout, max_export_batch_size=MAX_POINTS_PER_REQUEST)

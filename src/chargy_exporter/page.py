@@ -101,15 +101,14 @@ def _network(counts: NetworkCounts, status: FeedStatus, has_data: bool, now: flo
 
 def _feed(status: FeedStatus, has_data: bool, now: float) -> str:
     if status.up:
-        health = '<span class="badge up" id="feed-status">up</span> the last refresh succeeded'
+        badge, label, text = "up", "up", "the last refresh succeeded"
     elif status.failures_in_a_row:
         failures = "failure" if status.failures_in_a_row == 1 else "failures in a row"
         served = "the last good data is still served" if has_data else "no data to serve yet"
-        health = (
-            f'<span class="badge down" id="feed-status">down</span> {status.failures_in_a_row} {failures}; {served}'
-        )
+        badge, label, text = "down", "down", f"{status.failures_in_a_row} {failures}; {served}"
     else:
-        health = '<span class="badge waiting" id="feed-status">starting</span> waiting for the first refresh'
+        badge, label, text = "waiting", "starting", "waiting for the first refresh"
+    health = f'<span class="badge {badge}" id="feed-status">{label}</span> {text}'
 
     last_error = "none since the exporter started"
     if status.last_error_reason is not None:
