@@ -19,8 +19,8 @@ from test_prometheus import CLOSED_SET, hostile_requests, scrape_all
 
 from chargy_exporter.kml import parse_kml
 from chargy_exporter.metrics import MetricsPipeline
+from chargy_exporter.model import FeedStatus, State
 from chargy_exporter.prometheus import THREADS, MetricsServer, PrometheusEndpoint
-from chargy_exporter.status import FeedStatus, State
 
 # Short enough for a test to wait for, long enough that a scrape on a loaded machine finishes well within it.
 TIMEOUT = 3

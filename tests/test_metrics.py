@@ -13,8 +13,8 @@ from opentelemetry.sdk.resources import Resource
 
 from chargy_exporter.kml import parse_kml
 from chargy_exporter.metrics import MetricsPipeline
+from chargy_exporter.model import FeedStatus, State
 from chargy_exporter.prometheus import PrometheusEndpoint
-from chargy_exporter.status import FeedStatus, State
 
 
 def make_pipeline() -> tuple[MetricsPipeline, PrometheusEndpoint]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import pytest
 from feedgen import EXPECTED_SIMPLIFIED
 
-from chargy_exporter.model import SIMPLIFIED_STATES, format_speed, simplify_state
+from chargy_exporter.model import SIMPLIFIED_STATES, add_counts, format_speed, simplify_state
 
 
 @pytest.mark.parametrize(("raw", "simplified"), sorted(EXPECTED_SIMPLIFIED.items()))
@@ -31,3 +33,17 @@ def test_three_simplified_states_in_the_contract_order():
 )
 def test_speed_has_no_useless_decimal(kilowatts, label):
     assert format_speed(kilowatts) == label
+
+
+def test_counts_add_up_by_reason_and_the_previous_totals_stay_untouched():
+    before = MappingProxyType({"timeout": 2, "http_5xx": 1})
+    after = add_counts(before, {"timeout": 1, "unauthorized": 1})
+    assert dict(after) == {"timeout": 3, "http_5xx": 1, "unauthorized": 1}
+    assert dict(before) == {"timeout": 2, "http_5xx": 1}
+    with pytest.raises(TypeError):
+        after["timeout"] = 0  # type: ignore[index]
+
+
+def test_adding_nothing_keeps_the_same_totals():
+    before = MappingProxyType({"timeout": 2})
+    assert add_counts(before, {}) is before

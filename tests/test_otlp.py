@@ -491,8 +491,8 @@ def test_temporality_preference(
 def test_the_reader_lives_through_churn_and_the_error_count_shows_on_metrics(grpc_receiver: GrpcReceiver) -> None:
     from chargy_exporter.kml import parse_kml
     from chargy_exporter.metrics import MetricsPipeline
+    from chargy_exporter.model import FeedStatus, State
     from chargy_exporter.prometheus import PrometheusEndpoint
-    from chargy_exporter.status import FeedStatus, State
 
     settings = OtlpSettings(endpoint=grpc_receiver.endpoint, export_interval=math.inf, export_timeout=5.0)
     push = OtlpPush(settings)
@@ -672,7 +672,7 @@ def test_170000_connectors_arrive_complete_through_grpc_with_default_limits(grpc
     with the OTLP reader only, one export of ~775,000 data points (~120 MB) to a receiver with grpcio's default
     limits."""
     from chargy_exporter.metrics import MetricsPipeline
-    from chargy_exporter.status import FeedStatus, State
+    from chargy_exporter.model import FeedStatus, State
 
     feed = generate_feed(connectors=170_000, seed=5)
     checker = PointChecker(feed)

@@ -12,10 +12,9 @@ from chargy_exporter import __version__
 from chargy_exporter.config import Config
 from chargy_exporter.feed import FeedError
 from chargy_exporter.kml import parse_kml
-from chargy_exporter.model import Connector, Device, Snapshot, Station
+from chargy_exporter.model import Connector, Device, FeedStatus, Snapshot, State, Station
 from chargy_exporter.page import render_status_page
 from chargy_exporter.refresher import Refresher
-from chargy_exporter.status import FeedStatus, State
 
 NOW = 1_764_460_800.0  # 2025-11-30 00:00:00 UTC
 FEED = generate_feed(stations=60, seed=11, odd_shapes=True)

@@ -19,6 +19,7 @@ from opentelemetry.sdk.resources import Resource
 from chargy_exporter import prometheus
 from chargy_exporter.kml import parse_kml
 from chargy_exporter.metrics import MetricsPipeline
+from chargy_exporter.model import FeedStatus, State
 from chargy_exporter.page import render_status_page
 from chargy_exporter.prometheus import (
     MAX_NAME_CHARS,
@@ -28,7 +29,6 @@ from chargy_exporter.prometheus import (
     gzip_wanted,
     negotiate,
 )
-from chargy_exporter.status import FeedStatus, State
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 

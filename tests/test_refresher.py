@@ -18,8 +18,8 @@ from chargy_exporter import refresher as refresher_module
 from chargy_exporter.config import Config, RedactingFilter
 from chargy_exporter.feed import FeedClient, FeedError, FetchResult, Validators
 from chargy_exporter.kml import KmlError
+from chargy_exporter.model import State
 from chargy_exporter.refresher import FIRST_RETRY_DELAY, Refresher
-from chargy_exporter.status import State
 
 FEED = generate_feed(stations=30, seed=5)
 OTHER_FEED = generate_feed(stations=20, seed=6)

@@ -15,12 +15,12 @@ from . import __version__
 from .config import Config, RedactingFilter, load_config
 from .feed import FeedClient
 from .metrics import MetricsPipeline
+from .model import State
 from .otlp import OtlpPush
 from .page import render_status_page
 from .prometheus import PrometheusEndpoint
 from .refresher import Refresher
 from .resource import build_resource
-from .status import State
 
 log = logging.getLogger("chargy_exporter")
 

@@ -1,8 +1,6 @@
-"""Command-line flags and environment variables → one validated, immutable `Config`.
-
-Each option is declared once, in `build_parser`, with the environment variable(s) it falls back to; the flag wins.
-The SDK's OTLP exporter reads its other `OTEL_EXPORTER_OTLP_*` variables itself. The API key and OTLP header values
-are secrets."""
+"""Command-line flags and environment variables → one validated, immutable `Config`. Each option is declared once,
+in `build_parser`, with the environment variable(s) it falls back to; the flag wins. The SDK's OTLP exporter reads
+its other `OTEL_EXPORTER_OTLP_*` variables itself. The API key and OTLP header values are secrets."""
 
 from __future__ import annotations
 

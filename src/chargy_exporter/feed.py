@@ -1,7 +1,5 @@
-"""Fetch the raw feed: HTTP(S) with retries, one deadline, a size cap and conditional requests; or a file.
-
-A fetch returns bytes (or "not modified") or raises `FeedError`: a reason for the error counter and a message
-without the API key."""
+"""Fetch the raw feed: HTTP(S) with retries, one deadline, a size cap and conditional requests; or a file. A fetch
+returns bytes (or "not modified") or raises `FeedError`: a reason for the error counter, a message without the key."""
 
 from __future__ import annotations
 
@@ -103,10 +101,6 @@ class Validators:
 class FetchResult:
     body: bytes | None  # None: the server said 304 Not Modified
     validators: Validators
-
-    @property
-    def not_modified(self) -> bool:
-        return self.body is None
 
 
 class FeedClient:

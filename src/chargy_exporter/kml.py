@@ -1,9 +1,6 @@
-"""Parse the Chargy KML document into a `Snapshot`.
-
-The document is untrusted: XML entity declarations (billion laughs, XXE) are refused and every field below
-`Placemark` is checked for shape. A bad device or connector is skipped and counted; only a document that is not a
-usable feed at all raises `KmlError`.
-"""
+"""Parse the Chargy KML document into a `Snapshot`. The document is untrusted: entity declarations (billion laughs,
+XXE) are refused and every field below `Placemark` is checked for shape. A bad device or connector is skipped and
+counted; only a document that is not a usable feed at all raises `KmlError`."""
 
 from __future__ import annotations
 
@@ -84,10 +81,7 @@ def _parse_xml(document: bytes, max_nodes: int) -> dict[str, Any]:
 
     try:
         parsed = xmltodict.parse(
-            document,
-            force_list=("Placemark", "Data"),
-            disable_entities=True,
-            postprocessor=keep_what_is_used,
+            document, force_list=("Placemark", "Data"), disable_entities=True, postprocessor=keep_what_is_used
         )
     except (ExpatError, ValueError, LookupError) as error:
         # xmltodict raises ValueError("entities are disabled") on any <!ENTITY>; an unreadable declared encoding

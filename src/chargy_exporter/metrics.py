@@ -1,10 +1,7 @@
-"""OpenTelemetry instruments over the published `State`: one MeterProvider for the process.
-
-The callbacks turn the published snapshot into observations as a collection reads them (no parsing, no I/O): none are
-kept between collections. The SDK keeps, per reader, every attribute set ever observed, so the Prometheus path keeps
-no reader: it collects through one made for that collection (`attached`). The OTLP reader lives on, its cardinality
-limit sized from `max_connectors`, so its stale sets are bounded and nothing is folded into an overflow series.
-"""
+"""OpenTelemetry instruments over the published `State`, one MeterProvider for the process. Callbacks turn the state
+into observations as a collection reads them (no I/O, nothing kept). The SDK keeps every attribute set a reader ever
+saw, so the Prometheus path collects through a reader made for that collection (`attached`); the long-lived OTLP
+reader's limit is sized from `max_connectors`: its stale sets are bounded and nothing folds into an overflow series."""
 
 from __future__ import annotations
 
@@ -28,8 +25,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.util.types import Attributes
 
 from . import __version__
-from .model import MAX_CONNECTORS, REFRESH_ERROR_REASONS, SIMPLIFIED_STATES, SKIP_REASONS, Snapshot
-from .status import State
+from .model import MAX_CONNECTORS, REFRESH_ERROR_REASONS, SIMPLIFIED_STATES, SKIP_REASONS, Connector, Snapshot, State
 
 ReaderFactory = Callable[[CardinalityLimits], MetricReader]
 Observe = Callable[[State], Iterable[Observation]]
@@ -41,27 +37,30 @@ _SLACK: Final = 1024
 _SETS_PER_CONNECTOR: Final = 8
 
 
-def _connector_states(snapshot: Snapshot) -> Iterator[Observation]:
+def _labelled(snapshot: Snapshot) -> Iterator[tuple[dict[str, str], Connector]]:
     for row in snapshot.rows():
-        connector, state = row.connector, row.connector.state
+        connector = row.connector
         labels = {"connector": connector.name, "device": row.device.name, "station": row.station.name,
                   "speed": connector.speed}  # fmt: skip
+        yield labels, connector
+
+
+def _connector_states(snapshot: Snapshot) -> Iterator[Observation]:
+    for labels, connector in _labelled(snapshot):
+        state = connector.state
         for simplified in SIMPLIFIED_STATES:
             yield Observation(1 if simplified == state else 0, {**labels, "chargy_connector_state": simplified})
 
 
 def _detailed_states(snapshot: Snapshot) -> Iterator[Observation]:
-    for row in snapshot.rows():
-        connector = row.connector
-        yield Observation(1, {"connector": connector.name, "device": row.device.name, "station": row.station.name,
-                              "speed": connector.speed, "state": connector.raw_state})  # fmt: skip
+    return (Observation(1, {**labels, "state": connector.raw_state}) for labels, connector in _labelled(snapshot))
 
 
 def _station_infos(snapshot: Snapshot) -> Iterator[Observation]:
     for station in snapshot.stations:
         latitude, longitude = ("" if value is None else repr(value) for value in (station.latitude, station.longitude))
-        yield Observation(1, {"station": station.name, "address": station.address, "latitude": latitude,
-                              "longitude": longitude})  # fmt: skip
+        labels = {"station": station.name, "address": station.address, "latitude": latitude, "longitude": longitude}
+        yield Observation(1, labels)
 
 
 def _counts(totals: Mapping[str, int], known: Iterable[str]) -> list[Observation]:
@@ -116,20 +115,13 @@ class _NoExemplars(ExemplarReservoir):
         return []
 
 
-def _no_exemplars(_aggregation: type) -> type[_NoExemplars]:
-    return _NoExemplars
-
-
 def _limits(series: int) -> CardinalityLimits:
     return {ObservableGauge: series + _SLACK, ObservableCounter: series + _SLACK}
 
 
 class MetricsPipeline:
-    """The process' MeterProvider, its instruments, and the state they report.
-
-    `readers` are long-lived (OTLP push), made once; `on_published` hooks run after every publish and may
-    collect through a reader of their own, attached for that collection only (the Prometheus endpoint).
-    """
+    """The process' MeterProvider, its instruments and the state they report. `readers` are long-lived (OTLP push);
+    `on_published` hooks run after every publish and may collect through `attached` (the Prometheus endpoint)."""
 
     def __init__(
         self,
@@ -150,7 +142,7 @@ class MetricsPipeline:
             resource=resource,
             # The aggregation named, not the default one: the SDK then skips a type dispatch per series and collection.
             views=[
-                View(instrument_type=kind, aggregation=aggregation, exemplar_reservoir_factory=_no_exemplars)
+                View(instrument_type=kind, aggregation=aggregation, exemplar_reservoir_factory=lambda _: _NoExemplars)
                 for kind, aggregation in (
                     (ObservableGauge, LastValueAggregation()),
                     (ObservableCounter, SumAggregation()),
@@ -190,11 +182,9 @@ class MetricsPipeline:
             self.notify()
 
     def notify(self) -> None:
-        """Run the published hooks, also after a self-metric changed outside a refresh (an OTLP export failed).
-
-        Never waits: it runs on the OTLP reader's export thread, which a shutdown (holding the lock) may be
-        joining. While a publish holds the lock, that render or the next one shows the change.
-        """
+        """Run the published hooks, also after a self-metric changed outside a refresh (an OTLP export failed). Never
+        waits: it runs on the OTLP export thread, which a shutdown holding the lock may be joining; the render under way
+        or the next one shows the change."""
         if not self._lock.acquire(blocking=False):
             return
         try:

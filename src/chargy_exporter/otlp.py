@@ -1,9 +1,6 @@
-"""OTLP push: the SDK's `PeriodicExportingMetricReader` over the SDK's OTLP exporter (gRPC or HTTP/protobuf).
-
-The reader gets the SDK exporter itself, subclassed only to watch `export()`, so that what the exporter reads from
-the OTEL_* variables (the temporality preference included) is what the reader collects with. A failed export is
-counted and logged once, on one WARNING line, with what is known of why.
-"""
+"""OTLP push: the SDK's `PeriodicExportingMetricReader` over the SDK's OTLP exporter (gRPC or HTTP/protobuf),
+subclassed only to watch `export()`, so that what the exporter reads from the OTEL_* variables (the temporality
+preference included) is what the reader collects with. A failed export is counted and logged once, on one line."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """The status page at `/`, built per request from the `State` alone: no I/O, no URL (the feed's key cannot show).
-
-One self-contained document: inline CSS, no script, nothing fetched from elsewhere.
-"""
+One self-contained document: inline CSS, no script, nothing fetched from elsewhere."""
 
 from __future__ import annotations
 
@@ -10,8 +8,7 @@ from html import escape
 from typing import Final
 
 from . import __version__
-from .model import NetworkCounts
-from .status import FeedStatus, State
+from .model import FeedStatus, NetworkCounts, State
 
 _STYLE: Final = """
 :root{color-scheme:light dark;--fg:#1d2327;--muted:#5f6b73;--bg:#f6f7f9;--card:#fff;--line:#dde1e5;

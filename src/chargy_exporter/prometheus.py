@@ -1,4 +1,4 @@
-"""The Prometheus endpoint. Collecting costs ~150 ms for 1,800 connectors and the data only changes when a refresh
+"""The Prometheus endpoint. Collecting costs ~200 ms for 1,800 connectors and the data only changes when a refresh
 publishes, so `render()` collects once per publish and scrapes only look up bytes encoded from that collection.
 Nothing a client sends is kept or echoed: any Accept value maps onto a closed set of bodies (`FORMATS` x identity/gzip,
 each encoded at most once per rendering, with its canonical Content-Type); a bounded `name[]` filter is kept nowhere."""
@@ -23,7 +23,6 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics.export import CardinalityLimits
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest as text_generate_latest
-from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate_latest
 from prometheus_client.registry import Collector
 
@@ -102,18 +101,18 @@ def gzip_wanted(accept_encoding: str) -> bool:
 class _Rendering:
     """One collection's bodies: the plain body of each format asked for since the last render, encoded at once; each
     compressed on first ask. A format nobody had asked for is encoded on its first ask from a collection of its own
-    (`collect`): keeping the families for it would pin several MB of the collection's memory."""
+    (`encode`): keeping the families for it would pin several MB of the collection's memory."""
 
-    def __init__(self, bodies: dict[tuple[Format, bool], bytes], collect: Callable[[], list[Metric]]) -> None:
+    def __init__(self, bodies: dict[tuple[Format, bool], bytes], encode: Callable[[Format], bytes]) -> None:
         self.bodies = bodies
-        self._collect = collect
+        self._encode = encode
         self._lock = threading.Lock()
 
     def body(self, fmt: Format, gzipped: bool) -> bytes:
         if (fmt, gzipped) not in self.bodies:
             with self._lock:  # each body encoded and compressed once, however many scrapes ask for it at once
                 if (fmt, False) not in self.bodies:
-                    self.bodies[fmt, False] = _encode(fmt, self._collect())
+                    self.bodies[fmt, False] = self._encode(fmt)
                 if gzipped and (fmt, True) not in self.bodies:
                     self.bodies[fmt, True] = gzip.compress(self.bodies[fmt, False], compresslevel=GZIP_LEVEL)
         return self.bodies[fmt, gzipped]
@@ -140,8 +139,8 @@ class _Rendering:
         return b"".join(kept)
 
 
-def _collect(pipeline: MetricsPipeline) -> list[Metric]:
-    """The metric families of the published state, through a reader attached for this collection only: its storage
+def _encoded(pipeline: MetricsPipeline, formats: Iterable[Format]) -> list[bytes]:
+    """The published state in each format, from one collection through a reader attached for it only: its storage
     of every series goes with it."""
     registry = CollectorRegistry(auto_describe=False)
 
@@ -150,16 +149,8 @@ def _collect(pipeline: MetricsPipeline) -> list[Metric]:
         return PrometheusMetricReader(scope_info_enabled=False, registry=registry, cardinality_limits=limits)
 
     with pipeline.attached(make_reader):
-        return list(registry.collect())
-
-
-def _encode(fmt: Format, families: list[Metric]) -> bytes:
-    return fmt.encode(SimpleNamespace(collect=lambda: families))
-
-
-def _encoded(pipeline: MetricsPipeline, formats: Iterable[Format]) -> list[bytes]:
-    families = _collect(pipeline)
-    return [_encode(fmt, families) for fmt in formats]
+        families = list(registry.collect())
+    return [fmt.encode(SimpleNamespace(collect=lambda: families)) for fmt in formats]
 
 
 class BadQuery(ValueError):
@@ -200,9 +191,8 @@ class MetricsServer:
     not a thread, and it has a backlog, connection and size limits and an idle timeout as options."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], host: str, port: int, idle_timeout: int) -> None:
-        family, *_, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
-            0
-        ]
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, *_, address = addresses[0]
         # Bound here rather than by waitress, which would make `--host ::` IPv6-only. SO_REUSEADDR: restarts rebind.
         sock = socket.create_server(address, family=family, dualstack_ipv6=family == socket.AF_INET6)
         # No warning per request queued behind busy workers (a line per scrape under a burst); "waitress" ones stay.
@@ -253,7 +243,7 @@ class MetricsServer:
 class PrometheusEndpoint:
     def __init__(self, status_page: Callable[[], bytes] | None = None) -> None:
         self._status_page = status_page  # the HTML a browser gets at `/` (page.py)
-        self._rendering = _Rendering({}, list)  # until the pipeline renders: empty bodies
+        self._rendering = _Rendering({}, lambda fmt: fmt.encode(CollectorRegistry()))  # empty, until a render
         # Bodies asked for since the last render, and in the period before it (a subset of FORMATS x gzip): a render
         # encodes them. Two periods, so that a scrape landing just before or just after a render counts for both.
         self._asked: set[tuple[Format, bool]] = set()
@@ -269,7 +259,8 @@ class PrometheusEndpoint:
         plain = _encoded(pipeline, formats) if formats else []
         # Made once the collection's objects are gone: what the rendering keeps is not left among them, where each
         # small object would keep a whole allocator arena (1 MiB) from going back to the system.
-        rendering = _Rendering(dict(zip([(fmt, False) for fmt in formats], plain)), lambda: _collect(pipeline))
+        bodies = {(fmt, False): body for fmt, body in zip(formats, plain, strict=True)}
+        rendering = _Rendering(bodies, lambda fmt: _encoded(pipeline, [fmt])[0])
         for fmt, gzipped in asked:
             rendering.body(fmt, gzipped)
         self._rendering = rendering  # one reference swap: a scrape sees the old or the new rendering, whole

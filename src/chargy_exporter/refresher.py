@@ -1,8 +1,6 @@
-"""The background refresh: fetch → parse → publish, once per interval, whatever the scrape rate.
-
-A failed refresh publishes the last good snapshot again with `up` = 0 and the error counted; the next attempt comes
-sooner than the interval (exponential backoff with jitter, capped by the interval).
-"""
+"""The background refresh: fetch → parse → publish, once per interval, whatever the scrape rate. A failed refresh
+publishes the last good snapshot again with `up` = 0 and the error counted; the next attempt comes sooner than the
+interval (exponential backoff with jitter, capped by the interval)."""
 
 from __future__ import annotations
 
@@ -18,8 +16,7 @@ from typing import Any, Final
 from .config import Config
 from .feed import FeedClient, FeedError, Validators
 from .kml import KmlError, parse_kml
-from .model import Snapshot
-from .status import State, add_counts
+from .model import Snapshot, State, add_counts
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +78,8 @@ class Refresher:
         """One refresh; returns the delay until the next one should start."""
         started = time.monotonic()
         previous = self._state.status
-        skipped: Mapping[str, int] = {}
         try:
-            fetched = self._client.fetch(self._validators)
-            if fetched.not_modified:
-                log.debug("feed not modified since the last refresh")
-                snapshot = self._state.snapshot
-            else:
-                assert fetched.body is not None
-                snapshot = parse_kml(fetched.body, self._config.max_connectors)
-                skipped = snapshot.skipped
-                self._validators = fetched.validators
+            snapshot = self._fetch_snapshot()
         except (FeedError, KmlError) as error:
             return self._failed(error.reason, str(error), started)
         except Exception as error:
@@ -99,6 +87,7 @@ class Refresher:
             log.debug("unexpected error during refresh", exc_info=True)
             return self._failed("internal", f"{type(error).__name__}: {error}", started)
 
+        skipped: Mapping[str, int] = {} if snapshot is self._state.snapshot else snapshot.skipped
         if skipped:
             log.warning("skipped feed records: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
         if not previous.up:
@@ -113,6 +102,17 @@ class Refresher:
         total = add_counts(previous.skipped, skipped)
         self._set(snapshot, started, now, delay, up=True, last_success_time=now, skipped=total, failures_in_a_row=0)
         return delay
+
+    def _fetch_snapshot(self) -> Snapshot:
+        """The new feed's snapshot, or the one served if the feed has not changed. The document goes with this
+        frame, before the publish and its collection, the peak of a refresh."""
+        fetched = self._client.fetch(self._validators)
+        if fetched.body is None:
+            log.debug("feed not modified since the last refresh")
+            return self._state.snapshot
+        snapshot = parse_kml(fetched.body, self._config.max_connectors)
+        self._validators = fetched.validators
+        return snapshot
 
     def _failed(self, reason: str, message: str, started: float) -> float:
         previous = self._state.status
