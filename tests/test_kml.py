@@ -152,6 +152,13 @@ def test_a_namespace_prefix_does_not_matter():
     assert rows(snapshot) == [("P", "CP1", "CP1 - 1", "22", "AVAILABLE", "available")]
 
 
+@pytest.mark.parametrize("namespace", ['xmlns="http://earth.google.com/kml/2.2"', ""])
+def test_google_s_earlier_kml_namespace_or_none_reads_the_same(namespace):
+    document = kml(placemark("P", device("CP1", connector("CP1 - 1"))))
+    document = document.replace(b'xmlns="http://www.opengis.net/kml/2.2"', namespace.encode())
+    assert rows(parse_kml(document)) == [("P", "CP1", "CP1 - 1", "22", "AVAILABLE", "available")]
+
+
 @pytest.mark.parametrize(
     ("coordinates", "expected"),
     [("6.1,49.6,0", (49.6, 6.1)), ("", (None, None)), ("abc,def", (None, None)), ("6.1,149.6", (None, None))],

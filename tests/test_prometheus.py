@@ -353,3 +353,34 @@ def test_a_folded_header_is_not_reflected(endpoint_served):
     status_line, _, rest = answer.partition(b"\r\n")
     head = rest.partition(b"\r\n\r\n")[0]
     assert int(status_line.split()[1]) < 500 and b"Injected" not in head
+
+
+def test_a_render_encodes_what_scrapers_asked_lately_and_nothing_when_nobody_scrapes(endpoint_served, monkeypatch):
+    _, pipeline, base = endpoint_served
+    encodings = count_encodings(monkeypatch)
+    feeds = [generate_feed(stations=20, seed=1)]
+    for seed in range(2, 7):
+        feeds.append(evolve(feeds[-1], seed=seed, state_changes=0.5))
+
+    def publish(index: int) -> list[str]:
+        encodings.clear()
+        pipeline.publish(State(parse_kml(feeds[index].kml), FeedStatus(up=True)))
+        return sorted(encodings)
+
+    def scrape() -> tuple[list[str], dict[tuple[str, str], float]]:
+        encodings.clear()
+        status, headers, body = http_get(base + "/metrics", {"Accept": OPENMETRICS, "Accept-Encoding": "gzip"})
+        assert status == 200 and headers["Content-Type"] == OPENMETRICS
+        samples = parse_exposition(gzip.decompress(body).decode()).samples("chargy_connector_detailed_state_info")
+        return sorted(encodings), {(s.labels["connector"], s.labels["state"]): s.value for s in samples}
+
+    def expected(index: int) -> dict[tuple[str, str], float]:
+        return {(c.connector, c.state): 1.0 for c in feeds[index].connectors}
+
+    assert publish(1) == []  # nobody has scraped: nothing is collected or encoded
+    assert scrape() == (["encode", "gzip"], expected(1))  # the first ask collects, from the published state
+    assert scrape() == ([], expected(1))  # then it is kept
+    assert publish(2) == ["encode", "gzip"]  # asked since the last render
+    assert publish(3) == ["encode", "gzip"]  # asked in the period before: a scrape just after a render still counts
+    assert publish(4) == []  # two periods without a scrape
+    assert scrape() == (["encode", "gzip"], expected(4))
