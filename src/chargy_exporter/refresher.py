@@ -21,6 +21,7 @@ from .model import Snapshot, State, add_counts
 log = logging.getLogger(__name__)
 
 FIRST_RETRY_DELAY: Final = 5.0
+FAILURE_LINE: Final = "feed refresh failed (%s, %d in a row): %s; %s, next try in %.0f s"
 MESSAGE_LENGTH_SHOWN: Final = 300  # enough of an error message to act on: what the status page keeps of it
 
 
@@ -91,12 +92,9 @@ class Refresher:
         if skipped:
             log.warning("skipped feed records: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
         if not previous.up:
+            counts = (len(snapshot.stations), snapshot.device_count, snapshot.connector_count)
             log.info(
-                "feed refreshed: %d stations, %d devices, %d connectors from %s",
-                len(snapshot.stations),
-                snapshot.device_count,
-                snapshot.connector_count,
-                self._config.redacted_url,
+                "feed refreshed: %d stations, %d devices, %d connectors from %s", *counts, self._config.redacted_url
             )
         delay, now = self._config.refresh_interval, self._clock()
         total = add_counts(previous.skipped, skipped)
@@ -119,27 +117,12 @@ class Refresher:
         failures = previous.failures_in_a_row + 1
         delay = self.retry_delay(failures)
         message = " ".join(self._config.redact(message).split())  # one log line, whatever the error's text
-        log.error(
-            "feed refresh failed (%s, %d in a row): %s; %s, next try in %.0f s",
-            reason,
-            failures,
-            message,
-            "serving the last good data" if self._state.snapshot.stations else "no data to serve yet",
-            delay,
-        )
+        served = "serving the last good data" if self._state.snapshot.stations else "no data to serve yet"
+        log.error(FAILURE_LINE, reason, failures, message, served, delay)
         now = self._clock()
-        self._set(
-            self._state.snapshot,
-            started,
-            now,
-            delay,
-            up=False,
-            last_error_time=now,
-            errors=add_counts(previous.errors, {reason: 1}),
-            last_error_reason=reason,
-            last_error_message=message[:MESSAGE_LENGTH_SHOWN],
-            failures_in_a_row=failures,
-        )
+        failure = dict(last_error_time=now, last_error_reason=reason, last_error_message=message[:MESSAGE_LENGTH_SHOWN])
+        failure.update(errors=add_counts(previous.errors, {reason: 1}), failures_in_a_row=failures)
+        self._set(self._state.snapshot, started, now, delay, up=False, **failure)
         return delay
 
     def retry_delay(self, failures_in_a_row: int) -> float:
