@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,28 @@ def test_ruff_finds_nothing():
 def test_mypy_strict_passes_on_the_package():
     result = run("mypy", "src/chargy_exporter")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+PACKAGE = ROOT / "src" / "chargy_exporter"
+# The package's size before the metrics pipeline was rebuilt on the SDK's public API (1.0.0, commit 400cfc2).
+LINES_BEFORE_THE_REBUILD = 2164
+
+
+def test_the_package_is_smaller_than_before_the_pipeline_was_rebuilt():
+    lines = sum(len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py"))
+    assert lines < LINES_BEFORE_THE_REBUILD, f"{lines} lines in src/chargy_exporter"
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    imports = {
+        path.stem: {node.module for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        for path in PACKAGE.glob("*.py")
+    }  # fmt: skip
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(name == goal or (name not in seen and reaches(name, goal, seen | {name}))
+                   for name in imports.get(start, ()))  # fmt: skip
+
+    assert imports["cli"] >= {"config", "feed", "metrics", "prometheus", "refresher"}  # the parse sees the imports
+    assert not [module for module in imports if reaches(module, module, set())]
