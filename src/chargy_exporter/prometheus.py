@@ -99,7 +99,7 @@ def gzip_wanted(accept_encoding: str) -> bool:
 
 
 class _Rendering:
-    """One collection's bodies: the plain body of each format asked for since the last render, encoded at once; each
+    """One collection's bodies: the plain body of each format scrapers asked for lately, encoded at once; each
     compressed on first ask. A format nobody had asked for is encoded on its first ask from a collection of its own
     (`encode`): keeping the families for it would pin several MB of the collection's memory."""
 
@@ -257,8 +257,6 @@ class PrometheusEndpoint:
             self._asked_before, self._asked = self._asked, set()
         formats = list({fmt for fmt, _ in asked})  # none: nobody scrapes, nothing to collect until someone does
         plain = _encoded(pipeline, formats) if formats else []
-        # Made once the collection's objects are gone: what the rendering keeps is not left among them, where each
-        # small object would keep a whole allocator arena (1 MiB) from going back to the system.
         bodies = {(fmt, False): body for fmt, body in zip(formats, plain, strict=True)}
         rendering = _Rendering(bodies, lambda fmt: _encoded(pipeline, [fmt])[0])
         for fmt, gzipped in asked:
