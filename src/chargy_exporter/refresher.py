@@ -70,7 +70,7 @@ class Refresher:
                 log.exception("publishing the refreshed data failed")
                 delay = self.retry_delay(1)
             # A full collection also empties the interpreter's free lists, which keep thousands of the refresh's
-            # tuples and dicts, each holding a 1 MiB allocator arena: without it the process keeps ~10 MB more.
+            # tuples and dicts, each holding a 1 MiB allocator arena: without it the process keeps several MB more.
             gc.collect()
             self._wake.wait(max(0.0, delay - (time.monotonic() - started)))
             self._wake.clear()
