@@ -22,13 +22,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # feedgen and loopback: standard library only, no pytest needed
 
 from feedgen import LIVE_STATIONS, GeneratedFeed, evolve, generate_feed  # noqa: E402
-from loopback import FeedServer, cpu_seconds, exporter_command, free_port, memory_kb  # noqa: E402
+from loopback import FeedServer, cpu_seconds, exporter_command, free_port, memory_kb, send_kml  # noqa: E402
 
 UNCACHED = """
 import sys, threading
@@ -131,13 +132,9 @@ def refreshes(
     return results
 
 
-def serve_next(handler: object, server: FeedServer, feeds: list[GeneratedFeed]) -> None:
+def serve_next(handler: BaseHTTPRequestHandler, server: FeedServer, feeds: list[GeneratedFeed]) -> None:
     """The n-th request gets the n-th feed: every refresh sees states change."""
-    body = feeds[min(server.requests, len(feeds) - 1)].kml
-    handler.send_response(200)  # type: ignore[attr-defined]
-    handler.send_header("Content-Length", str(len(body)))  # type: ignore[attr-defined]
-    handler.end_headers()  # type: ignore[attr-defined]
-    handler.wfile.write(body)  # type: ignore[attr-defined]
+    send_kml(handler, feeds[min(server.requests, len(feeds) - 1)].kml)
 
 
 def main() -> None:

@@ -28,16 +28,14 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # feedgen and loopback: standard library only, no pytest needed
 
 from feedgen import GeneratedFeed, evolve, generate_feed  # noqa: E402
-from loopback import cpu_seconds, exporter_command, free_port, memory_kb, serve_on_loopback  # noqa: E402
+from loopback import TEST_API_KEY, FeedServer, cpu_seconds, exporter_command, free_port, memory_kb, send_kml  # noqa: E402
 
-API_KEY = "soak-secret-key-0000"
 SCRAPE_HEADERS = (
     {},
     {"Accept-Encoding": "gzip"},
@@ -70,28 +68,13 @@ class ChurningFeedServer:
         self._body = self.feed.kml
         self._lock = threading.Lock()
         self._next: bytes | None = None
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                body = server.take()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/vnd.google-earth.kml+xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = serve_on_loopback(Handler)
+        self.server = FeedServer()
+        self.server.set_responder(lambda handler: send_kml(handler, self.take()))
         self._prepare()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/kml?API-KEY={API_KEY}"
+        return self.server.url
 
     def _prepare(self) -> None:
         """Build the next feed ahead of time, so that serving it costs nothing."""
@@ -108,8 +91,7 @@ class ChurningFeedServer:
         return body
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 def metric_value(text: str, name: str) -> float | None:
@@ -292,7 +274,7 @@ def main() -> int:
     if not ok:
         print(f"\nFAILED: growth after warm-up {growth_mb:.1f} MB, scrape failures {scrapes.failures}, "
               f"refresh errors {errors:g}", file=sys.stderr)  # fmt: skip
-    if API_KEY.encode() in b"".join(stderr_lines) or API_KEY in final:
+    if TEST_API_KEY.encode() in b"".join(stderr_lines) or TEST_API_KEY in final:
         print("FAILED: the API key leaked", file=sys.stderr)
         ok = False
     return 0 if ok else 1

@@ -29,6 +29,15 @@ def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPSer
     return httpd
 
 
+def send_kml(handler: BaseHTTPRequestHandler, body: bytes) -> None:
+    """Answers the request with `body` as KML, 200 OK."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/vnd.google-earth.kml+xml")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class FeedServer:
     """Serves a KML body on 127.0.0.1 (URL carries an API-KEY, to check it never leaks); counts requests.
 
@@ -55,11 +64,7 @@ class FeedServer:
                 if responder is not None:
                     responder(self)
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/vnd.google-earth.kml+xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_kml(self, body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
