@@ -34,7 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # feedgen and loopback: standard library only, no pytest needed
 
 from feedgen import GeneratedFeed, evolve, generate_feed  # noqa: E402
-from loopback import TEST_API_KEY, FeedServer, cpu_seconds, exporter_command, free_port, memory_kb, send_kml  # noqa: E402
+from loopback import (  # noqa: E402
+    TEST_API_KEY,
+    FeedServer,
+    cpu_seconds,
+    exporter_command,
+    free_port,
+    memory_kb,
+    send_kml,
+)
 
 SCRAPE_HEADERS = (
     {},
