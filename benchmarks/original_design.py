@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import requests
 import xmltodict
@@ -31,10 +32,10 @@ class ChargyCollector:
     def __init__(self, url: str, cache_seconds: float = CACHE_SECONDS) -> None:
         self._url = url
         self._cache_seconds = cache_seconds
-        self._document: dict | None = None
+        self._document: dict[str, Any] | None = None
         self._fetched_at = 0.0
 
-    def _placemarks(self) -> list[dict]:
+    def _placemarks(self) -> list[dict[str, Any]]:
         if self._document is None or time.monotonic() - self._fetched_at > self._cache_seconds:
             response = requests.get(self._url, headers={"Accept": "application/xml"}, timeout=30)
             self._document = xmltodict.parse(response.content)

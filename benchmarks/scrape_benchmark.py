@@ -22,8 +22,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # feedgen and loopback: standard library only, no pytest needed
@@ -89,7 +91,7 @@ PROMETHEUS_HEADERS = {
 
 
 def refreshes(
-    feed: GeneratedFeed, count: int, builds: dict[str, list[str]], log: object
+    feed: GeneratedFeed, count: int, builds: dict[str, list[str]], log: IO[bytes]
 ) -> dict[str, tuple[float, float, float]]:
     """Each server, started afresh, refreshes `count` times while the feed changes state, with one Prometheus-like
     scrape after each refresh: (RSS after the first refresh, RSS after all of them, in MB; CPU seconds per refresh,
@@ -101,7 +103,7 @@ def refreshes(
     results = {}
     for name, command in [*builds.items(), ("original design", [])]:
         server = FeedServer(feed.kml)
-        server.set_responder(lambda handler, server=server: serve_next(handler, server, feeds))
+        server.set_responder(partial(serve_next, server=server, feeds=feeds))
         port = free_port()
         if command:
             command = [*command, "--kml-url", server.url, "--host", "127.0.0.1", "--port", str(port)]
@@ -109,7 +111,7 @@ def refreshes(
         else:
             original = str(ROOT / "benchmarks" / "original_design.py")
             command = [sys.executable, original, "--kml-url", server.url, "--cache-seconds", "0", "--port", str(port)]
-        process = subprocess.Popen(command, stdout=log, stderr=log)  # type: ignore[arg-type]
+        process = subprocess.Popen(command, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}/metrics"
         try:
             wait_ready(url, 3 * len(feed.connectors))

@@ -44,7 +44,7 @@ from loopback import (  # noqa: E402
     send_kml,
 )
 
-SCRAPE_HEADERS = (
+SCRAPE_HEADERS: tuple[dict[str, str], ...] = (
     {},
     {"Accept-Encoding": "gzip"},
     {"Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"},

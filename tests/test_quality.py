@@ -1,8 +1,9 @@
-"""Lint and type checks run with the tests: ruff over the repository, mypy (strict) over the package."""
+"""Lint and type checks run with the tests: ruff over the repository, mypy (strict) over the package and benchmarks."""
 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
+def run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, env=environment)
 
 
 def test_ruff_finds_nothing():
@@ -21,6 +23,12 @@ def test_ruff_finds_nothing():
 
 def test_mypy_strict_passes_on_the_package():
     result = run("mypy", "src/chargy_exporter")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_passes_on_the_benchmarks():
+    # They import tests/feedgen.py and tests/loopback.py, as the test suite does.
+    result = run("mypy", "--strict", "--python-version", "3.11", "benchmarks", env={"MYPYPATH": "tests"})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
