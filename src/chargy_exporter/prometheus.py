@@ -56,7 +56,7 @@ FORMATS: Final = (
     Format("application/openmetrics-text", "1.0.0", r"1\.[0-9]{1,4}\.[0-9]{1,4}", openmetrics_generate_latest),
 )
 
-# Bounds on what negotiation reads of a header (waitress caps all headers at max_request_header_size).
+# Bounds on what negotiation reads of a header (server.py caps the whole request head at MAX_HEAD).
 _MAX_MEDIA_RANGES: Final = 32
 _MAX_HEADER_CHARS: Final = 4096
 _QVALUE: Final = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
