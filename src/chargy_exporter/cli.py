@@ -103,14 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     gc.set_threshold(10_000)
     try:
-        server = endpoint.serve(config.host, config.port)
+        server = endpoint.serve(config.host, config.port, web_config=config.web_config_file)
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, error.strerror or error)
         pipeline.shutdown()
         return 1
 
     serving = (
-        f"http://{config.host}:{server.port}/metrics, feed {config.redacted_url} every {config.refresh_interval:g} s"
+        f"{server.scheme}://{config.host}:{server.port}/metrics, "
+        f"feed {config.redacted_url} every {config.refresh_interval:g} s"
     )
     log.info("chargy-exporter %s serving %s", __version__, serving)
     refresher.start()

@@ -16,6 +16,7 @@ from typing import Any, Final, NoReturn
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from . import __version__
+from .webconfig import WebConfig, WebConfigError, load_web_config
 
 PUBLIC_FEED_URL: Final = (
     "https://my.chargy.lu/b2bev-external-services/resources/kml?API-KEY=486ac6e4-93b8-4369-9c6a-28f7c4e1a81f"
@@ -86,6 +87,7 @@ class Config:
     otlp_timeout: float = 10_000.0  # milliseconds, like the OTEL_* variables
     otlp_export_interval: float = 60_000.0
     otlp_export_timeout: float = 30_000.0
+    web_config_file: WebConfig | None = None  # TLS and basic auth of the HTTP server, read and checked
     # Values that must never appear in any output (the API key of kml_url, OTLP header values...).
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
@@ -245,6 +247,13 @@ def _otlp_endpoint(endpoint: str, protocol: str) -> str:
     return endpoint
 
 
+def _web_config(text: str) -> WebConfig:
+    try:
+        return load_web_config(text)
+    except WebConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, plus the environment variables of each option (read by `load_config`, the flag winning)."""
 
@@ -259,8 +268,11 @@ class _Parser(argparse.ArgumentParser):
         )
         self.environment: dict[str, tuple[argparse.Action, tuple[str, ...]]] = {}
 
-    def option(self, flag: str, variables: str, convert: Callable[[str], Any] | None, metavar: str, text: str) -> None:
-        """`flag`, else the first of `variables` set, else Config's default; without `convert`, a switch."""
+    def option(
+        self, flag: str, variables: str, convert: Callable[[str], Any] | None, metavar: str, text: str, *aliases: str
+    ) -> None:
+        """`flag` (or an alias), else the first of `variables` set, else Config's default; without `convert`, a
+        switch."""
         dest = flag.removeprefix("--").replace("-", "_")
         default = getattr(Config(), dest)
         if isinstance(default, float):
@@ -268,7 +280,8 @@ class _Parser(argparse.ArgumentParser):
         shown = "off" if default is False else "none" if default is None else redact_url(str(default))
         kind = {"action": "store_true"} if convert is None else {"type": convert, "metavar": metavar}
         described = f"{text} [{' or '.join(variables.split())}; default: {shown}]".replace("%", "%%")
-        self.environment[dest] = (self.add_argument(flag, help=described, **kind), tuple(variables.split()))
+        action = self.add_argument(flag, *aliases, dest=dest, help=described, **kind)
+        self.environment[dest] = (action, tuple(variables.split()))
 
     def error(self, message: str) -> NoReturn:
         # One line naming the option ("argument --port: ..." → "--port: ..."), exit code 2, no usage block.
@@ -306,6 +319,9 @@ def build_parser() -> _Parser:
            "milliseconds between OTLP pushes")  # fmt: skip
     option("--otlp-export-timeout", "OTEL_METRIC_EXPORT_TIMEOUT", _number(100, 3_600_000, ms), "MS",
            "milliseconds one collection and push may take (100,000 connectors take seconds)")  # fmt: skip
+    option("--web-config-file", "CHARGY_WEB_CONFIG_FILE", _web_config, "FILE",
+           "exporter-toolkit web configuration (as node_exporter's --web.config.file): TLS, client certificates, "
+           "basic auth", "--web.config.file")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 

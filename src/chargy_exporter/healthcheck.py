@@ -1,10 +1,14 @@
 """`python -m chargy_exporter.healthcheck`, the image's HEALTHCHECK: exit 0 when the exporter answers /healthz.
-It asks where the exporter listens: its flags and environment, read from /proc, through the exporter's own parser."""
+It asks where the exporter listens: its flags and environment, read from /proc, through the exporter's own parser.
+With TLS on (--web-config-file) it asks over TLS without verifying the certificate: it talks to its own container's
+loopback, and a certificate for the service's name would not name that address anyway. Under mutual TLS it offers
+the exporter's own certificate as its client certificate. /healthz needs no password (the file has only hashes)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ssl
 import sys
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -36,12 +40,24 @@ def find_exporter(proc: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def health_url(arguments: Sequence[str], environ: Mapping[str, str]) -> str:
+    return health_request(arguments, environ)[0]
+
+
+def health_request(arguments: Sequence[str], environ: Mapping[str, str]) -> tuple[str, ssl.SSLContext | None]:
+    """The exporter's /healthz URL, and the TLS context to ask it with (None: plain HTTP)."""
     config = load_config(list(arguments), environ)
+    tls = config.web_config_file.tls if config.web_config_file else None
+    context = None
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if tls.client_auth_type != "NoClientCert":
+            context.load_cert_chain(tls.cert_file, tls.key_file)
     # An address meaning every interface: ask the loopback of the same family.
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(config.host, config.host)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{config.port}/healthz"
+    return f"{'https' if tls else 'http'}://{host}:{config.port}/healthz", context
 
 
 def check(
@@ -49,13 +65,14 @@ def check(
 ) -> tuple[bool, str]:
     """(healthy, one line saying why) for the exporter running as process_dir, by default the one found in proc."""
     try:
-        url = health_url(*(read_process(process_dir) if process_dir else find_exporter(proc)))
+        url, context = health_request(*(read_process(process_dir) if process_dir else find_exporter(proc)))
     except OSError as error:
         return False, f"{process_dir or proc}: {error.strerror or error}"
     except SystemExit:  # load_config printed its (redacted) error: the exporter could not have started with it
         return False, "the exporter's configuration does not parse"
     try:  # without proxies: an HTTP_PROXY set for the feed is not for this loopback request
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout) as response:
+        handlers = [urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)]
+        with urllib.request.build_opener(*handlers).open(url, timeout=timeout) as response:
             return response.status == 200, f"{url} answered {response.status}"
     except (OSError, ValueError) as error:  # an answer other than 2xx included (HTTPError)
         return False, f"{url}: {error}"

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
-import logging
 import re
-import resource
-import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +15,6 @@ from types import SimpleNamespace
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
-import waitress
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics.export import CardinalityLimits
 from prometheus_client import CollectorRegistry
@@ -27,6 +23,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.registry import Collector
 
 from .metrics import MetricsPipeline
+from .server import THREADS as THREADS  # re-exported: tests and benchmarks import them from here
+from .server import MetricsServer as MetricsServer
+from .webconfig import WebConfig
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ FORMATS: Final = (
     Format("application/openmetrics-text", "1.0.0", r"1\.[0-9]{1,4}\.[0-9]{1,4}", openmetrics_generate_latest),
 )
 
-# Bounds on what negotiation reads of a header (waitress caps all headers at max_request_header_size).
+# Bounds on what negotiation reads of a header (server.py caps the whole request head at MAX_HEAD).
 _MAX_MEDIA_RANGES: Final = 32
 _MAX_HEADER_CHARS: Final = 4096
 _QVALUE: Final = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
@@ -179,65 +178,7 @@ def series_names(query: str) -> set[str] | None:
     return names or None
 
 
-THREADS: Final = 4  # workers running complete requests; one event-loop thread reads and writes every connection
-CONNECTION_LIMIT: Final = 2048  # lowered to fit RLIMIT_NOFILE, less what the rest of the process needs
 IDLE_TIMEOUT: Final = 15  # seconds
-
-
-class MetricsServer:
-    """waitress on host:port, IPv4 or IPv6, its event loop in a daemon thread. Why waitress: with a thread per
-    connection (socketserver) or blocking workers (cheroot), idle or slow clients hold threads and scrapers wait
-    seconds; waitress reads and writes every connection in one poll loop, so such a client costs a file descriptor,
-    not a thread, and it has a backlog, connection and size limits and an idle timeout as options."""
-
-    def __init__(self, app: Callable[..., Iterable[bytes]], host: str, port: int, idle_timeout: int) -> None:
-        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, *_, address = addresses[0]
-        # Bound here rather than by waitress, which would make `--host ::` IPv6-only. SO_REUSEADDR: restarts rebind.
-        sock = socket.create_server(address, family=family, dualstack_ipv6=family == socket.AF_INET6)
-        # No warning per request queued behind busy workers (a line per scrape under a burst); "waitress" ones stay.
-        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-        soft_fds, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        unlimited = soft_fds == resource.RLIM_INFINITY
-        connection_limit = CONNECTION_LIMIT if unlimited else max(16, min(CONNECTION_LIMIT, soft_fds - 64))
-        self._map: dict[int, Any] = {}  # one map per server: shutdown() empties it, which ends the event loop
-        self._server: Any = waitress.create_server(
-            app,
-            map=self._map,
-            sockets=[sock],
-            threads=THREADS,
-            backlog=1024,  # connections the kernel completes before the loop accepts them
-            connection_limit=connection_limit,  # then the loop stops accepting until some close
-            channel_timeout=idle_timeout,  # seconds idle before a connection with no request in progress is closed
-            cleanup_interval=1,  # seconds between looks for idle connections
-            max_request_header_size=16384,  # request line and headers; over it: 431
-            max_request_body_size=1024,  # we take no request bodies: 413
-            asyncore_use_poll=True,  # select() cannot watch descriptors past 1024
-            ident="chargy-exporter",
-        )
-        self.port: int = sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._server.run, name="metrics-http", daemon=True)
-        self._thread.start()
-
-    def shutdown(self, timeout: float = 1.0) -> None:
-        """Stop accepting, close every connection, end the loop and the workers, within about `timeout`. waitress has
-        no public stop (Pylons/waitress#343, #372): this does what its Ctrl-C path does, in the loop thread (through
-        its trigger). tests/test_http_limits.py fails if a waitress release changes what that takes."""
-
-        def close_everything() -> None:  # runs in the event loop thread
-            for dispatcher in list(self._map.values()):
-                if dispatcher is self._server:
-                    dispatcher.close()  # the listening socket (and the trigger, closed with it)
-                else:
-                    dispatcher.handle_close()  # a connection: also wakes a worker waiting to write to it
-
-        if self._thread.is_alive():
-            try:
-                self._server.trigger.pull_trigger(close_everything)
-            except OSError:  # its trigger is already closed (seen once in CI, cause unknown): close from here
-                close_everything()
-            self._thread.join(timeout)
-        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.1, timeout / 2))
 
 
 class PrometheusEndpoint:
@@ -305,5 +246,9 @@ class PrometheusEndpoint:
             return file_wrapper(io.BytesIO(body))  # type: ignore[no-any-return]
         return [body]
 
-    def serve(self, host: str, port: int, idle_timeout: int = IDLE_TIMEOUT) -> MetricsServer:
-        return MetricsServer(self.wsgi_app, host, port, idle_timeout)
+    def serve(
+        self, host: str, port: int, idle_timeout: float = IDLE_TIMEOUT, web_config: WebConfig | None = None
+    ) -> MetricsServer:
+        """The server of wsgi_app; with a web configuration, over TLS and/or behind basic auth as it says."""
+        app, tls = (self.wsgi_app, None) if web_config is None else web_config.wrap(self.wsgi_app)
+        return MetricsServer(app, host, port, idle_timeout, tls)
