@@ -173,10 +173,10 @@ def test_the_dashboard_config_map_holds_exactly_the_dashboard(rendered: list[dic
 def test_the_generated_files_are_what_sync_writes() -> None:
     # Byte for byte (comments included), so that sync.py's output is what is committed.
     result = subprocess.run(
-        [sys.executable, str(BASE / "sync.py")], capture_output=True, text=True, timeout=60, check=False, cwd=ROOT
+        [sys.executable, str(BASE / "sync.py"), "--check"], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0 and result.stdout == "", (
-        f"deploy/kubernetes was out of date and sync.py rewrote it; commit it:\n{result.stdout}{result.stderr}"
+        f"run python3 deploy/kubernetes/sync.py and commit what it writes:\n{result.stdout}{result.stderr}"
     )
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the two generated files of this kustomize base from their one source, used by the compose stack too:
 
-    python3 deploy/kubernetes/sync.py
+    python3 deploy/kubernetes/sync.py           # writes what is out of date
+    python3 deploy/kubernetes/sync.py --check   # writes nothing; exit 1 and the list when something is out of date
 
 - prometheusrule.yaml: deploy/prometheus/rules/chargy.rules.yml (a Prometheus rules file, `groups:` at the top)
   indented under a PrometheusRule's `spec:`, comments and all;
@@ -43,14 +44,16 @@ def outputs() -> dict[Path, bytes]:
     }
 
 
-def main() -> int:
-    for path, content in outputs().items():
-        path.parent.mkdir(exist_ok=True)
-        if not path.exists() or path.read_bytes() != content:
-            path.write_bytes(content)
-            print(f"wrote {path.relative_to(DEPLOY.parent)}")
-    return 0
+def main(argv: list[str]) -> int:
+    check = argv == ["--check"]
+    stale = [path for path, content in outputs().items() if not path.exists() or path.read_bytes() != content]
+    for path in stale:
+        print(f"{'out of date' if check else 'wrote'}: {path.relative_to(DEPLOY.parent)}")
+        if not check:
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(outputs()[path])
+    return 1 if check and stale else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
