@@ -13,6 +13,7 @@ import pytest
 from conftest import exporter_command
 
 from chargy_exporter.config import (
+    DEMO_FEED,
     DEMO_FEED_PATH,
     PUBLIC_FEED_URL,
     Config,
@@ -62,10 +63,10 @@ def test_the_flag_wins_over_the_environment(tmp_path):
     assert (config.port, config.kml_url) == (9200, str(feed))
 
 
-def test_demo_reads_the_bundled_sample():
+def test_demo_reads_the_built_in_network_not_a_url_or_the_network():
     config = load_config(["--demo"], {})
-    assert config.kml_url == DEMO_FEED_PATH.as_uri()
-    assert DEMO_FEED_PATH.read_bytes().startswith(b"<?xml")
+    assert config.demo and config.kml_url == DEMO_FEED == config.redacted_url  # what the logs show as the feed
+    assert DEMO_FEED_PATH.read_bytes().startswith(b"<?xml")  # the sample stays bundled for users to read
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,9 @@ import pytest
 from conftest import TEST_API_KEY, assert_matches_feed, http_get, memory_kb, parse_exposition, wait_until
 from feedgen import evolve, generate_feed
 
+from chargy_exporter.demo import DemoNetwork
+from chargy_exporter.kml import parse_kml
+
 pytestmark = pytest.mark.e2e
 
 
@@ -81,14 +84,31 @@ def test_gzip_and_root_path(feed_server, exporter_process):
     assert parse_exposition(gzip.decompress(body).decode()).value("chargy_feed_up") == 1
 
 
-def test_demo_mode_serves_the_bundled_sample(exporter_process):
+def test_demo_mode_serves_the_living_demo_network_refresh_by_refresh(exporter_process):
+    demo = DemoNetwork()  # the exporter's own, from the same seed: the same states at the same refresh
+    expected = [parse_kml(demo.document()) for _ in range(2)]
+
+    def detailed(exposition):
+        return {
+            s.labels["connector"]: s.labels["state"] for s in exposition.samples("chargy_connector_detailed_state_info")
+        }
+
+    def states(snapshot):
+        return {row.connector.name: row.connector.raw_state for row in snapshot.rows()}
+
     exporter = exporter_process("--demo")
     exposition = exporter.wait_until_up(timeout=15)
-    assert exposition.value(
-        "chargy_connector_state", station="Schuttrange - Parking Eglise", connector="CP4112 - 1",
-        chargy_connector_state="available", speed="22", device="CP4112",
-    ) == 1  # fmt: skip
-    assert exposition.value("chargy_connector_detailed_state_info", connector="CP8021 - 2", state="MAINTENANCE") == 1
+    assert exposition.value("chargy_connectors") == expected[0].connector_count > 1_750
+    assert exposition.value("chargy_stations") == 523
+    assert detailed(exposition) == states(expected[0])
+    assert "serving the built-in demo network: 523 stations, 934 devices" in exporter.logs()
+    assert "(not real data)" in exporter.logs()
+    _, _, page = http_get(exporter.base_url + "/", {"Accept": "text/html"})
+    assert b"Not real data" in page
+
+    exporter.refresh_now()  # the next refresh: sessions started and ended
+    exporter.wait_for(lambda e: detailed(e) == states(expected[1]))
+    assert states(expected[1]) != states(expected[0])
 
 
 def test_environment_configuration_and_sigterm(feed_server, exporter_process):

@@ -56,16 +56,22 @@ class _Page(HTMLParser):
                 self.by_id[element_id] = self.by_id.get(element_id, "") + data
 
 
-def page_of(state: State, now: float = NOW) -> _Page:
-    return _Page(render_status_page(state, now).decode("utf-8"))
+def page_of(state: State, now: float = NOW, demo: bool = False) -> _Page:
+    return _Page(render_status_page(state, now, demo).decode("utf-8"))
 
 
 def number(page: _Page, element_id: str) -> int:
     return int(page.by_id[element_id].replace(",", ""))
 
 
-def stations_without_available(stations: list[ExpectedStation]) -> int:
-    return sum(1 for station in stations if all(c.simplified != "available" for c in station.connectors))
+def station_counts(stations: list[ExpectedStation]) -> tuple[int, int, int]:
+    """As the dashboard's PromQL counts (`sum by (station)`): station names having connectors, those of them with
+    none available; and apart, the names listing no connector (they have no series)."""
+    by_name: dict[str, list[str]] = {}
+    for station in stations:
+        by_name.setdefault(station.name, []).extend(c.simplified for c in station.connectors)
+    listed = [states for states in by_name.values() if states]
+    return len(listed), sum(1 for states in listed if "available" not in states), len(by_name) - len(listed)
 
 
 def test_the_network_counts_are_the_feeds() -> None:
@@ -73,8 +79,31 @@ def test_the_network_counts_are_the_feeds() -> None:
     expected = FEED.counts_by_state()
     for state in ("available", "charging", "unavailable"):
         assert number(page, state) == expected.get(state, 0)
-    assert number(page, "stations-without-available") == stations_without_available(FEED.expected_stations)
-    assert f"{len(FEED.connectors):,} connectors at {len(FEED.expected_stations):,} stations" in page.text
+    stations, without_available, without_connectors = station_counts(FEED.expected_stations)
+    assert without_connectors > 0, "the odd-shaped feed should have Placemarks without devices"
+    assert number(page, "stations-without-available") == without_available
+    assert f"of {stations:,} stations with no connector available" in page.text
+    assert f"{len(FEED.connectors):,} connectors at {stations:,} stations" in page.text
+    assert number(page, "stations-without-connectors") == without_connectors
+
+
+def test_stations_listing_no_connector_are_apart_and_duplicate_names_count_once() -> None:
+    busy = Station("busy", "", None, None, (Device("CP1", (Connector("CP1 - 1", 22.0, "CHARGING"),)),))
+    free_twin = Station("busy", "", None, None, (Device("CP2", (Connector("CP2 - 1", 22.0, "AVAILABLE"),)),))
+    empty = Station("empty", "", None, None, ())
+    counts = Snapshot((busy, empty)).counts
+    assert (counts.stations, counts.stations_without_available, counts.stations_without_connectors) == (1, 1, 1)
+    # Two Placemarks of one name are one station, as `sum by (station)` sums them: one of them free, it is free.
+    assert Snapshot((busy, free_twin, empty)).counts.stations_without_available == 0
+    page = page_of(State(Snapshot((busy, empty)), FeedStatus(up=True, last_success_time=NOW)))
+    assert "of 1 stations with no connector available" in page.text and "1 more lists no connector" in page.text
+    assert "stations-without-connectors" not in page_of(State(Snapshot((busy,)), FeedStatus(up=True))).by_id
+
+
+def test_the_demo_says_so_and_the_live_feed_does_not() -> None:
+    state = State(parse_kml(FEED.kml), FeedStatus(up=True, last_success_time=NOW))
+    assert "Not real data" in page_of(state, demo=True).by_id["demo"]
+    assert "demo" not in page_of(state).by_id and "live from the Chargy feed" in page_of(state).text
 
 
 def test_a_station_counts_as_without_available_only_when_none_of_its_connectors_is_available() -> None:

@@ -88,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     refresher: Refresher | None = None  # until there is one, the status page shows an empty state
-    endpoint = PrometheusEndpoint(lambda: render_status_page(refresher.state if refresher else State(), time.time()))
+    endpoint = PrometheusEndpoint(
+        lambda: render_status_page(refresher.state if refresher else State(), time.time(), config.demo)
+    )
     try:
         pipeline = build_pipeline(config, endpoint)
     except Exception as error:  # the SDK refusing an OTEL_* variable it reads, e.g. a gRPC compression it lacks

@@ -21,7 +21,9 @@ from .webconfig import WebConfig, WebConfigError, load_web_config
 PUBLIC_FEED_URL: Final = (
     "https://my.chargy.lu/b2bev-external-services/resources/kml?API-KEY=486ac6e4-93b8-4369-9c6a-28f7c4e1a81f"
 )
+# A small three-station sample of the feed's shape, bundled for users and tests to read; --demo serves demo.py's.
 DEMO_FEED_PATH: Final = Path(__file__).parent / "data" / "sample-feed.kml"
+DEMO_FEED: Final = "the built-in demo network"  # what logs show as the feed's URL under --demo
 GRPC: Final = "grpc"
 HTTP_PROTOBUF: Final = "http/protobuf"
 # Query parameters whose value is a credential, compared case-insensitively.
@@ -293,7 +295,13 @@ def build_parser() -> _Parser:
     option = parser.option
     seconds, ms = " seconds", " milliseconds"
     option("--kml-url", "KML_URL", _kml_url, "URL", "feed to read: http(s) URL, file:// URL or path")
-    option("--demo", "CHARGY_DEMO", None, "", "serve the bundled sample feed instead (no internet needed)")
+    option(
+        "--demo",
+        "CHARGY_DEMO",
+        None,
+        "",
+        "serve a made-up network of the live one's size whose states change (no internet needed)",
+    )
     option("--host", "OTEL_EXPORTER_PROMETHEUS_HOST", str.strip, "ADDR", "address of /metrics, / and /healthz")
     option("--port", "OTEL_EXPORTER_PROMETHEUS_PORT", _number(1, 65535, "", int), "PORT", "their port")
     option("--refresh-interval", "CHARGY_REFRESH_INTERVAL", _number(1, 86_400, seconds), "SECONDS",
@@ -358,9 +366,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             # Serving the sample while the user believes they watch their feed would be worse than stopping.
             parser.error(
                 f"{sources['demo']} and {sources['kml_url']} cannot be combined: "
-                "--demo serves the bundled sample feed instead of a URL; drop one of them"
+                "--demo serves a built-in network instead of a URL; drop one of them"
             )
-        values["kml_url"] = DEMO_FEED_PATH.as_uri()
+        values["kml_url"] = DEMO_FEED
     exporters = [name for name in values.get("metrics_exporter", "prometheus").split(",") if name != "none"]
     if "otlp_endpoint" in values and "otlp" not in exporters:
         exporters.append("otlp")  # as documented; the standard endpoint variables alone do not enable push

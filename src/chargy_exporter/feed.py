@@ -4,6 +4,7 @@ returns bytes (or "not modified") or raises `FeedError`: a reason for the error 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import socket
 import threading
@@ -23,6 +24,9 @@ from urllib3.util import Retry, Timeout
 
 from . import __version__
 from .config import Config, local_feed_path
+from .demo import DemoNetwork
+
+log = logging.getLogger(__name__)
 
 # The upstream answers 406 to a client that prefers JSON: ask for KML/XML first.
 ACCEPT: Final = "application/vnd.google-earth.kml+xml, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.1"
@@ -118,11 +122,19 @@ class FeedClient:
         adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        self._demo = DemoNetwork() if config.demo else None
+        if self._demo is not None:
+            counts = (f"{n:,}" for n in (len(self._demo.stations), self._demo.devices, self._demo.connectors))
+            log.info(
+                "serving the built-in demo network: %s stations, %s devices, %s connectors (not real data)", *counts
+            )
 
     def close(self) -> None:
         self._session.close()
 
     def fetch(self, validators: Validators | None = None) -> FetchResult:
+        if self._demo is not None:  # a new document per refresh, read by the same parser as the live feed's
+            return FetchResult(self._demo.document(), Validators())
         if urlsplit(self._config.kml_url).scheme in ("http", "https"):
             return self._fetch_http(validators or Validators())
         path = local_feed_path(self._config.kml_url)

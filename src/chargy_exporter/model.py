@@ -94,13 +94,16 @@ class ConnectorRow:
 
 @dataclass(frozen=True, slots=True)
 class NetworkCounts:
-    """The network at a glance: connectors by simplified state, and stations where none is available."""
+    """The network at a glance: connectors by simplified state, and stations where none is available. Stations are
+    counted as the dashboard's PromQL does (`sum by (station)`): by name, among those listing a connector; the ones
+    listing none have no series and are counted apart."""
 
     available: int = 0
     charging: int = 0
     unavailable: int = 0
-    stations: int = 0
+    stations: int = 0  # names with at least one connector
     stations_without_available: int = 0
+    stations_without_connectors: int = 0  # names with no connector at all: no series, not in the two above
 
     @property
     def connectors(self) -> int:
@@ -130,14 +133,23 @@ class Snapshot:
     @cached_property
     def counts(self) -> NetworkCounts:
         # Computed on first use and kept: the snapshot never changes, and the status page asks on every request.
-        per_station = [
-            [connector.state for device in station.devices for connector in device.connectors]
-            for station in self.stations
-        ]
-        by_state = Counter(state for states in per_station for state in states)
-        without_available = sum(1 for states in per_station if AVAILABLE not in states)
+        per_station: dict[str, set[str]] = {}
+        by_state: Counter[str] = Counter()
+        for station in self.stations:
+            states = per_station.setdefault(station.name, set())
+            for device in station.devices:
+                for connector in device.connectors:
+                    states.add(connector.state)
+                    by_state[connector.state] += 1
+        listed = [states for states in per_station.values() if states]
+        without_available = sum(1 for states in listed if AVAILABLE not in states)
         return NetworkCounts(
-            by_state[AVAILABLE], by_state[CHARGING], by_state[UNAVAILABLE], len(self.stations), without_available
+            by_state[AVAILABLE],
+            by_state[CHARGING],
+            by_state[UNAVAILABLE],
+            len(listed),
+            without_available,
+            len(per_station) - len(listed),
         )
 
 

@@ -42,8 +42,15 @@ a{color:var(--charging)}
 """
 
 
-def render_status_page(state: State, now: float) -> bytes:
-    """The page for `state` as seen at Unix time `now`, UTF-8 encoded."""
+_LIVE: Final = '<p class="sub">Luxembourg\'s public EV-charging network, live from the Chargy feed</p>'
+_DEMO: Final = (
+    '<p class="sub" id="demo"><strong>Demo</strong>: a made-up network of the live one\'s size and shape, whose states '
+    "change at each refresh (<code>--demo</code>). Not real data.</p>"
+)
+
+
+def render_status_page(state: State, now: float, demo: bool = False) -> bytes:
+    """The page for `state` as seen at Unix time `now`, UTF-8 encoded; `demo`: the data is --demo's made-up network."""
     counts = state.snapshot.counts  # computed once per snapshot: the page is built on every request
     has_data = bool(state.snapshot.stations)
     title = "chargy-exporter"
@@ -54,7 +61,7 @@ def render_status_page(state: State, now: float) -> bytes:
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body><main>"
         "<h1>chargy-exporter</h1>"
-        '<p class="sub">Luxembourg\'s public EV-charging network, live from the Chargy feed</p>'
+        f"{_DEMO if demo else _LIVE}"
         f"{_network(counts, state.status, has_data, now)}{_feed(state.status, has_data, now)}"
         f'<footer>chargy-exporter <span id="version">{escape(__version__)}</span> · '
         '<a href="/metrics">/metrics</a> (Prometheus) · <a href="/healthz">/healthz</a></footer>'
@@ -84,6 +91,12 @@ def _network(counts: NetworkCounts, status: FeedStatus, has_data: bool, now: flo
         for css, element_id, number, label in tiles
     )
     as_of = f"{counts.connectors:,} connectors at {counts.stations:,} stations"
+    if counts.stations_without_connectors:  # no series in /metrics, so neither in the dashboard's share
+        listed = "lists" if counts.stations_without_connectors == 1 else "list"
+        as_of += (
+            f'; <span id="stations-without-connectors">{counts.stations_without_connectors:,}</span> '
+            f"more {listed} no connector"
+        )
     stale = ""
     if status.last_success_time is not None:
         as_of += f", as of {_time(status.last_success_time, now)}"

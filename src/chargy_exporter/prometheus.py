@@ -8,7 +8,9 @@ from __future__ import annotations
 import gzip
 import io
 import re
+import struct
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ from prometheus_client.exposition import generate_latest as text_generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate_latest
 from prometheus_client.registry import Collector
 
+from . import process
 from .metrics import MetricsPipeline
 from .server import THREADS as THREADS  # re-exported: tests and benchmarks import them from here
 from .server import MetricsServer as MetricsServer
@@ -97,33 +100,70 @@ def gzip_wanted(accept_encoding: str) -> bool:
     return any(coding in ("gzip", "x-gzip") and q > 0 for coding, _, q in _media_ranges(accept_encoding))
 
 
-class _Rendering:
-    """One collection's bodies: the plain body of each format scrapers asked for lately, encoded at once; each
-    compressed on first ask. A format nobody had asked for is encoded on its first ask from a collection of its own
-    (`encode`): keeping the families for it would pin several MB of the collection's memory."""
+_EOF: Final = b"# EOF\n"  # OpenMetrics' last line: the per-scrape process families end the body with it
+# A gzip header (RFC 1952) without name or time: the bytes depend on the body alone.
+_GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
-    def __init__(self, bodies: dict[tuple[Format, bool], bytes], encode: Callable[[Format], bytes]) -> None:
-        self.bodies = bodies
+
+@dataclass(frozen=True)
+class _OpenGzip:
+    """A body compressed once, as a gzip member left open: its deflate blocks end on a byte boundary (a sync flush)
+    but none is final, so that each scrape deflates its few process lines as more blocks and closes the member with
+    the CRC-32 and size of the whole (RFC 1951/1952). One member: every gzip reader takes it, at the cost of
+    compressing ~1 KB per scrape."""
+
+    head: bytes
+    crc: int
+    size: int
+
+    @classmethod
+    def of(cls, body: bytes) -> _OpenGzip:
+        deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return cls(
+            _GZIP_HEADER + deflate.compress(body) + deflate.flush(zlib.Z_SYNC_FLUSH), zlib.crc32(body), len(body)
+        )
+
+    def closed_with(self, tail: bytes) -> bytes:
+        deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+        trailer = struct.pack("<II", zlib.crc32(tail, self.crc), (self.size + len(tail)) & 0xFFFFFFFF)
+        return self.head + deflate.compress(tail) + deflate.flush() + trailer
+
+
+class _Rendering:
+    """One collection's bodies, without the per-scrape part (the process families, and OpenMetrics' `# EOF`): the
+    plain body of each format scrapers asked for lately, encoded at once; each compressed on first ask. A format
+    nobody had asked for is encoded on its first ask from a collection of its own (`encode`): keeping the families
+    for it would pin several MB of the collection's memory."""
+
+    def __init__(self, bodies: dict[Format, bytes], encode: Callable[[Format], bytes]) -> None:
+        self._plain = {fmt: body.removesuffix(_EOF) for fmt, body in bodies.items()}
+        self._gzipped: dict[Format, _OpenGzip] = {}
         self._encode = encode
         self._lock = threading.Lock()
 
-    def body(self, fmt: Format, gzipped: bool) -> bytes:
-        if (fmt, gzipped) not in self.bodies:
+    def plain(self, fmt: Format) -> bytes:
+        if fmt not in self._plain:
             with self._lock:  # each body encoded and compressed once, however many scrapes ask for it at once
-                if (fmt, False) not in self.bodies:
-                    self.bodies[fmt, False] = self._encode(fmt)
-                if gzipped and (fmt, True) not in self.bodies:
-                    self.bodies[fmt, True] = gzip.compress(self.bodies[fmt, False], compresslevel=GZIP_LEVEL)
-        return self.bodies[fmt, gzipped]
+                if fmt not in self._plain:
+                    self._plain[fmt] = self._encode(fmt).removesuffix(_EOF)
+        return self._plain[fmt]
 
-    def filtered(self, fmt: Format, names: set[str]) -> bytes:
+    def gzipped(self, fmt: Format) -> _OpenGzip:
+        if fmt not in self._gzipped:
+            plain = self.plain(fmt)
+            with self._lock:
+                if fmt not in self._gzipped:
+                    self._gzipped[fmt] = _OpenGzip.of(plain)
+        return self._gzipped[fmt]
+
+    def filtered(self, fmt: Format, names: set[str], tail: bytes) -> bytes:
         """The samples whose series (sample) name is in `names`, with their family's metadata lines, cut from the
-        encoded body: a sample is one line, its family's `# HELP`/`# TYPE`/`# UNIT` lines come before it."""
+        encoded body and `tail`: a sample is one line, its family's `# HELP`/`# TYPE`/`# UNIT` lines come before it."""
         wanted = {name.encode() for name in names}
         kept: list[bytes] = []
         metadata: list[bytes] = []  # of the family being read, until one of its samples is kept
         family = b""
-        for line in self.body(fmt, False).splitlines(keepends=True):
+        for line in (self.plain(fmt) + tail).splitlines(keepends=True):
             if line.startswith(b"# EOF"):  # OpenMetrics' last line
                 kept.append(line)
             elif line.startswith(b"#"):
@@ -198,21 +238,27 @@ class PrometheusEndpoint:
             self._asked_before, self._asked = self._asked, set()
         formats = list({fmt for fmt, _ in asked})  # none: nobody scrapes, nothing to collect until someone does
         plain = _encoded(pipeline, formats) if formats else []
-        bodies = {(fmt, False): body for fmt, body in zip(formats, plain, strict=True)}
-        rendering = _Rendering(bodies, lambda fmt: _encoded(pipeline, [fmt])[0])
+        rendering = _Rendering(dict(zip(formats, plain, strict=True)), lambda fmt: _encoded(pipeline, [fmt])[0])
         for fmt, gzipped in asked:
-            rendering.body(fmt, gzipped)
+            if gzipped:
+                rendering.gzipped(fmt)
+            else:
+                rendering.plain(fmt)
         self._rendering = rendering  # one reference swap: a scrape sees the old or the new rendering, whole
 
     def exposition(self, accept: str, accept_encoding: str, names: set[str] | None = None) -> tuple[str, bool, bytes]:
         """(content type, gzipped, body) for a scrape."""
         fmt, gzipped = negotiate(accept), gzip_wanted(accept_encoding)
+        # The process families, read now (~1 KB), after the rendering's body: fresh at every scrape.
+        tail = process.exposition(openmetrics=fmt.media == "application/openmetrics-text")
+        rendering = self._rendering
         if names:
-            plain = self._rendering.filtered(fmt, names)
+            plain = rendering.filtered(fmt, names, tail)
             return fmt.content_type, gzipped, gzip.compress(plain, compresslevel=GZIP_LEVEL) if gzipped else plain
         with self._asked_lock:
             self._asked.add((fmt, gzipped))
-        return fmt.content_type, gzipped, self._rendering.body(fmt, gzipped)
+        body = rendering.gzipped(fmt).closed_with(tail) if gzipped else rendering.plain(fmt) + tail
+        return fmt.content_type, gzipped, body
 
     def wsgi_app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
