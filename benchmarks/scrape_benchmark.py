@@ -6,10 +6,10 @@ per unit of --scales), serves it on 127.0.0.1, starts
   - the original design (benchmarks/original_design.py: prometheus_client collector, StateSet + Info families),
   - the OTel PrometheusMetricReader without our cached rendering (--uncached, for reference),
 waits until each has fetched the feed, then times sequential scrapes from one client and prints a markdown table.
-A second table has each server (with --otlp also the exporter pushing OTLP/HTTP every second, with --compare-with
-other builds) refresh 30 times as states change: RSS and CPU per refresh.
+A second table has each server (with --compare-with other builds) refresh 30 times as states change: RSS and CPU
+per refresh. OTLP push: benchmarks/push_benchmark.py.
 
-    python benchmarks/scrape_benchmark.py [--scales 1 10] [--scrapes 40] [--skip-uncached] [--otlp]
+    python benchmarks/scrape_benchmark.py [--scales 1 10] [--scrapes 40] [--skip-uncached]
 
 Needs only the package installed (`pip install .`): it runs the `chargy-exporter` of the Python that runs it.
 """
@@ -40,7 +40,6 @@ from loopback import (  # noqa: E402
     free_port,
     memory_kb,
     send_kml,
-    serve_on_loopback,
 )
 
 UNCACHED = """
@@ -55,13 +54,15 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.resources import Resource
 # The same pipeline, but served by prometheus_client straight from an OTel reader: a full collection per scrape.
 registry = CollectorRegistry(auto_describe=False)
-pipeline = MetricsPipeline(Resource.create({}), readers=[
-    lambda limits: PrometheusMetricReader(scope_info_enabled=False, registry=registry, cardinality_limits=limits)
-])
+pipeline = MetricsPipeline(Resource.create({}))
 config = load_config(sys.argv[1:])
 Refresher(config, FeedClient(config), pipeline.publish).refresh_once()
-start_http_server(config.port, addr="127.0.0.1", registry=registry)
-threading.Event().wait()
+# Readers sized for the state just published, attached for as long as the process serves.
+with pipeline.attached(lambda limits, network: PrometheusMetricReader(
+    not network, scope_info_enabled=False, registry=registry, cardinality_limits=limits
+)):
+    start_http_server(config.port, addr="127.0.0.1", registry=registry)
+    threading.Event().wait()
 """
 
 
@@ -144,37 +145,6 @@ def refreshes(
     return results
 
 
-class DiscardingReceiver:
-    """An OTLP/HTTP receiver on 127.0.0.1 that reads each export, counts it and answers an empty success: what
-    the exporter's memory with push on costs, without a real receiver's own work. Content is not checked here
-    (tests/test_otlp.py does that)."""
-
-    def __init__(self) -> None:
-        self.exports = 0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                receiver.exports += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")  # an empty ExportMetricsServiceResponse: full success
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self._httpd = serve_on_loopback(Handler)
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-
 def serve_next(handler: BaseHTTPRequestHandler, server: FeedServer, feeds: list[GeneratedFeed]) -> None:
     """The n-th request gets the n-th feed: every refresh sees states change."""
     send_kml(handler, feeds[min(server.requests, len(feeds) - 1)].kml)
@@ -192,11 +162,6 @@ def main() -> None:
         action="append",
         default=[],
         help="another chargy-exporter executable (e.g. an older build in its own venv) for the refresh table",
-    )
-    parser.add_argument(
-        "--otlp",
-        action="store_true",
-        help="also a chargy-exporter pushing OTLP/HTTP every second (to a receiver here) for the refresh table",
     )
     args = parser.parse_args()
 
@@ -236,21 +201,11 @@ def main() -> None:
                     process.terminate()
                     process.wait()
                 server.close()
-        receiver = DiscardingReceiver()
         with tempfile.TemporaryDirectory() as scratch, open(Path(scratch) / "log", "wb") as log:
             builds = {"chargy-exporter": exporter_command()}
-            if args.otlp:
-                push = ["--otlp-endpoint", receiver.url, "--otlp-protocol", "http/protobuf"]
-                push += ["--otlp-export-interval", "1000"]
-                builds["chargy-exporter, OTLP push too"] = [*exporter_command(), *push]
             builds |= {path: [path] for path in args.compare_with}
-            try:
-                for name, (first, last, cpu) in refreshes(feed, args.refreshes, builds, log).items():
-                    refresh_rows.append((len(feed.connectors), name, first, last, cpu))
-            finally:
-                receiver.close()
-        if args.otlp:
-            print(f"the OTLP receiver took {receiver.exports} exports", file=sys.stderr)
+            for name, (first, last, cpu) in refreshes(feed, args.refreshes, builds, log).items():
+                refresh_rows.append((len(feed.connectors), name, first, last, cpu))
         original = results["original design"][0]
         for name, (plain, gzipped) in results.items():
             rows.append((len(feed.connectors), name, plain, gzipped, plain / original))

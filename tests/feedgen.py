@@ -189,6 +189,15 @@ class GeneratedFeed:
             counts[connector.simplified] += 1
         return counts
 
+    def station_counts(self) -> tuple[int, int, int]:
+        """As the dashboard's PromQL counts (`sum by (station)`): station names having connectors, those of them with
+        none available; and apart, the names listing no connector (they have no series)."""
+        by_name: dict[str, list[str]] = {}
+        for station in self.expected_stations:
+            by_name.setdefault(station.name, []).extend(c.simplified for c in station.connectors)
+        listed = [states for states in by_name.values() if states]
+        return len(listed), sum(1 for states in listed if "available" not in states), len(by_name) - len(listed)
+
 
 def expected_speed(speed: float | str | None) -> str:
     if speed is None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import Exposition, free_port, http_get, parse_exposition, require_binary, unavailable, wait_until
 
-from chargy_exporter.config import DEMO_FEED_PATH
+from chargy_exporter.demo import DemoNetwork
 from chargy_exporter.kml import parse_kml
 
 pytestmark = pytest.mark.image
@@ -137,7 +137,7 @@ def run(image: str) -> Iterator[Callable[..., Container]]:
 
 @pytest.fixture(scope="module")
 def demo(run: Callable[..., Container]) -> Container:
-    """The image with its defaults and the bundled demo feed, serving."""
+    """The image with its defaults and the demo network, serving."""
     container = run("--demo")
     container.wait_for("/healthz")
     return container
@@ -146,8 +146,8 @@ def demo(run: Callable[..., Container]) -> Container:
 # ---- the tests ---------------------------------------------------------------------------------------------------
 
 
-def test_metrics_serve_the_bundled_demo_feed(demo: Container) -> None:
-    snapshot = parse_kml(DEMO_FEED_PATH.read_bytes())
+def test_metrics_serve_the_demo_network(demo: Container) -> None:
+    snapshot = parse_kml(DemoNetwork().document())  # the demo's first refresh: the same from its seed everywhere
     expected = {(row.station.name, row.device.name, row.connector.name, row.connector.state) for row in snapshot.rows()}
 
     def scraped() -> Exposition | None:

@@ -15,15 +15,19 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import bcrypt
 import kubernetes_validate
 import pytest
 import yaml
+from certs import Authority
 from conftest import ExporterProcess, free_port, http_get, parse_exposition, require_binary, unavailable, wait_until
 from feedgen import generate_feed
 from loopback import FeedServer
+
+from chargy_exporter.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "deploy" / "kubernetes"
@@ -81,7 +85,10 @@ def rendered() -> list[dict[str, Any]]:
 # ---- the objects are valid --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("components", [(), ("live-feed",), ("otlp",), ("live-feed", "otlp")])
+@pytest.mark.parametrize(
+    "components",
+    [(), ("live-feed",), ("otlp",), ("live-feed", "otlp"), ("web-config",), ("live-feed", "otlp", "web-config")],
+)
 def test_every_object_validates_against_the_kubernetes_schemas(tmp_path: Path, components: tuple[str, ...]) -> None:
     objects = overlay(tmp_path, *components)
     assert {obj["kind"] for obj in objects} == {"Deployment", "Service", "ConfigMap", *OPERATOR_KINDS}
@@ -240,6 +247,124 @@ def test_the_base_runs_the_demo_and_the_components_take_the_key_and_otlp_from_se
         "OTEL_METRICS_EXPORTER": "prometheus,otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.monitoring.svc:4317",
     }
+
+
+# ---- components/web-config: TLS and basic auth ----------------------------------------------------------------------
+
+WEB_CONFIG_EXAMPLE = ROOT / "deploy" / "web-config.example.yml"
+SECRET_REFERENCE = {"name", "key"}  # a SecretKeySelector of the Operator's CRD, required: no `optional: true`
+
+
+@pytest.fixture(scope="module")
+def with_web_config(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return overlay(tmp_path_factory.mktemp("web-config"), "web-config")
+
+
+def web_config_argument(exporter: dict[str, Any]) -> str:
+    arguments = exporter.get("args", [])
+    [path] = [arg.split("=", 1)[1] for arg in arguments if arg.startswith("--web-config-file=")]
+    assert arguments == [f"--web-config-file={path}"], "the component adds this one argument, nothing else"
+    return str(path)
+
+
+def test_web_config_mounts_its_secrets_read_only_and_passes_the_file(
+    with_web_config: list[dict[str, Any]], rendered: list[dict[str, Any]]
+) -> None:
+    for obj in with_web_config:
+        if obj["kind"] not in OPERATOR_KINDS:
+            kubernetes_validate.validate(obj, KUBERNETES_RELEASE, strict=True)
+    exporter, pod = container(with_web_config), one(with_web_config, "Deployment")["spec"]["template"]["spec"]
+    path = PurePosixPath(web_config_argument(exporter))
+    [mount] = [mount for mount in exporter["volumeMounts"] if path.is_relative_to(mount["mountPath"])]
+    assert mount["readOnly"] is True and "subPath" not in mount, "subPath mounts miss a renewed certificate"
+    [volume] = [volume for volume in pod["volumes"] if volume["name"] == mount["name"]]
+    # Only Secrets, none optional: without them the pod must not start (rather than serve plain HTTP).
+    assert set(volume) == {"name", "projected"}
+    sources = volume["projected"]["sources"]
+    assert all(set(source) == {"secret"} and not source["secret"].get("optional") for source in sources)
+    secrets = {source["secret"]["name"]: source["secret"].get("items") for source in sources}
+    assert secrets == {
+        "chargy-exporter-web-config": [{"key": "web-config.yml", "path": path.name}],
+        "chargy-exporter-tls": None,  # every key: tls.crt and tls.key as cert-manager writes them, ca.crt
+    }
+    # The example names the TLS files relative to itself: they are in the same projected folder.
+    example = yaml.safe_load(WEB_CONFIG_EXAMPLE.read_text(encoding="utf-8"))["tls_server_config"]
+    assert (example["cert_file"], example["key_file"]) == ("tls.crt", "tls.key")
+    # Nothing else of the Deployment changes.
+    changed = json.loads(json.dumps(one(with_web_config, "Deployment")))
+    changed_pod = changed["spec"]["template"]["spec"]
+    del changed_pod["volumes"]
+    [changed_exporter] = changed_pod["containers"]
+    del changed_exporter["args"], changed_exporter["volumeMounts"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        del changed_exporter[probe]["httpGet"]["scheme"]
+    assert changed == one(rendered, "Deployment")
+
+
+def test_web_config_probes_ask_healthz_over_https(with_web_config: list[dict[str, Any]]) -> None:
+    # The kubelet does not verify the certificate; /healthz needs no password (the file holds only hashes).
+    exporter = container(with_web_config)
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert exporter[probe]["httpGet"] == {"path": "/healthz", "port": "metrics", "scheme": "HTTPS"}, probe
+
+
+def test_web_config_service_monitor_scrapes_https_with_ca_and_credentials_from_secrets(
+    with_web_config: list[dict[str, Any]], rendered: list[dict[str, Any]]
+) -> None:
+    monitor, service = one(with_web_config, "ServiceMonitor"), one(with_web_config, "Service")
+    [endpoint] = monitor["spec"]["endpoints"]
+    [base_endpoint] = one(rendered, "ServiceMonitor")["spec"]["endpoints"]
+    assert {key: value for key, value in endpoint.items() if key not in {"scheme", "tlsConfig", "basicAuth"}} == (
+        base_endpoint
+    )
+    assert endpoint["scheme"] == "https"  # the CRD's enum: http, https
+    tls = endpoint["tlsConfig"]
+    _check_fields(
+        tls, {"ca", "serverName", "cert", "keySecret", "minVersion", "maxVersion"}, {"ca", "serverName"}, "tlsConfig"
+    )
+    assert set(tls["ca"]) == {"secret"}, "tlsConfig.ca: one of secret and configMap"
+    assert set(tls["ca"]["secret"]) == SECRET_REFERENCE
+    # The CA of the certificate the pod serves: the same Secret, cert-manager's ca.crt.
+    assert tls["ca"]["secret"] == {"name": "chargy-exporter-tls", "key": "ca.crt"}
+    # Prometheus scrapes the pod's address: it checks the certificate for the Service's name instead.
+    assert tls["serverName"] == f"{service['metadata']['name']}.monitoring.svc"
+    _check_fields(endpoint["basicAuth"], {"username", "password"}, {"username", "password"}, "basicAuth")
+    for field in ("username", "password"):
+        reference = endpoint["basicAuth"][field]
+        assert set(reference) == SECRET_REFERENCE and all(isinstance(value, str) for value in reference.values())
+        assert reference == {"name": "chargy-exporter-scrape-auth", "key": field}
+
+
+def test_web_config_puts_no_secret_value_in_the_manifests(with_web_config: list[dict[str, Any]]) -> None:
+    assert "Secret" not in {obj["kind"] for obj in with_web_config}, "Secrets are the user's, not the manifests'"
+    text = yaml.safe_dump_all(with_web_config)
+    for value in ("PRIVATE KEY", "BEGIN CERTIFICATE", "stringData", "basic_auth_users", "web-config.yml:"):
+        assert value not in text, f"{value!r} in the rendered manifests"
+    assert not re.search(r"\$2[abxy]?\$\d\d\$", text), "a bcrypt hash in the rendered manifests"
+
+
+def test_web_config_arguments_parse_over_what_the_secrets_project(
+    with_web_config: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The exporter's own parser, given the rendered arguments and environment, over a folder laid out as the
+    projected volume is: web-config.yml (the example, hash filled in) next to the TLS Secret's keys."""
+    exporter = container(with_web_config)
+    [mount] = exporter["volumeMounts"]
+    (tmp_path / "ca").mkdir()
+    authority = Authority(tmp_path / "ca")
+    issued = authority.issue("chargy")
+    (tmp_path / "tls.crt").write_bytes(issued.cert.read_bytes())
+    (tmp_path / "tls.key").write_bytes(issued.key.read_bytes())
+    (tmp_path / "ca.crt").write_bytes(authority.cert.read_bytes())
+    hashed = bcrypt.hashpw(b"scrape password", bcrypt.gensalt(rounds=4)).decode()
+    example = WEB_CONFIG_EXAMPLE.read_text(encoding="utf-8")
+    (tmp_path / "web-config.yml").write_text(example.replace("<bcrypt hash of the password>", hashed))
+    arguments = [arg.replace(mount["mountPath"], str(tmp_path)) for arg in exporter["args"]]
+    environ = {name: value for name, value in environment(with_web_config).items() if isinstance(value, str)}
+    web = load_config(arguments, environ).web_config_file
+    assert web is not None and web.tls is not None
+    assert (web.tls.cert_file, web.tls.key_file) == (tmp_path / "tls.crt", tmp_path / "tls.key")
+    assert set(web.users) == {"prometheus"}
 
 
 # ---- the rendered Deployment runs -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import threading
 import pytest
 from conftest import assert_matches_feed, parse_exposition
 from feedgen import evolve, generate_feed
+from loopback import wait_until
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 
@@ -116,23 +117,27 @@ def test_concurrent_scrapes_see_the_old_or_the_new_snapshot_never_a_mix():
     stop = threading.Event()
     mixed: list[int] = []
     seen = [set[int]() for _ in range(3)]
+    scrapes = [0, 0, 0]  # completed by each scraper
 
-    def scraper(seen_here: set[int]) -> None:
+    def scraper(index: int) -> None:
         while not stop.is_set():
             series = state_series(scrape(endpoint))
             if series in valid:
-                seen_here.add(valid.index(series))
+                seen[index].add(valid.index(series))
             else:
                 mixed.append(len(series))
+            scrapes[index] += 1
 
-    threads = [threading.Thread(target=scraper, args=(seen_here,)) for seen_here in seen]
+    threads = [threading.Thread(target=scraper, args=(index,)) for index in range(3)]
     for thread in threads:
         thread.start()
-    # Publish the two snapshots in turn until every scraper has seen both (or a generous number of publishes).
-    publishes = 0
-    while any(seen_here != {0, 1} for seen_here in seen) and publishes < 2_000 and not mixed:
+    # Publish the two snapshots in turn, scrapes running all along; after each publish, until every scraper has begun
+    # (and so finished) a scrape after it: each then sees both snapshots, whatever the threads' timing.
+    for publishes in range(10):
         pipeline.publish(State(snapshots[publishes % 2], FeedStatus(up=True)))
-        publishes += 1
+        done = list(scrapes)
+        wait_until(lambda done=done: all(now >= then + 2 for now, then in zip(scrapes, done, strict=True)), 60,
+                   "every scraper scraped after the publish")  # fmt: skip
     stop.set()
     for thread in threads:
         thread.join()
@@ -174,26 +179,34 @@ def test_before_the_first_refresh_there_is_no_connector_data_and_feed_up_is_0():
     pipeline.shutdown()
 
 
-def test_a_long_lived_reader_reports_exactly_the_current_feed_through_growth_and_churn():
-    # The OTLP reader lives as long as the process: after the feed grew tenfold and churned, each collection holds
-    # exactly the current connectors' series, and nothing is folded into an overflow point.
+def data_points(data, name: str) -> list:  # type: ignore[no-untyped-def]
+    return [
+        p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+        if m.name == name for p in m.data.data_points
+    ]  # fmt: skip
+
+
+def test_long_lived_readers_read_the_self_metrics_and_get_exactly_the_current_network_kept():
+    """The OTLP reader lives as long as the process: it never reads the network's instruments (the SDK would keep
+    every attribute set they ever reported), and the network kept for its exports is exactly the current feed's,
+    through growth and churn, with nothing folded into an overflow point."""
     readers: list[InMemoryMetricReader] = []
 
     def make_reader(limits):  # type: ignore[no-untyped-def]
         readers.append(InMemoryMetricReader(cardinality_limits=limits))
         return readers[-1]
 
-    pipeline = MetricsPipeline(Resource.create({}), readers=[make_reader], max_connectors=4000)
+    pipeline = MetricsPipeline(Resource.create({}), readers=[make_reader])
     assert len(readers) == 1
-    reader = readers[0]
     feeds = [generate_feed(stations=5, seed=1), generate_feed(connectors=3000, seed=2)]
     feeds += [evolve(feeds[-1], seed=seed, state_changes=0.5, removed=0.05, added_stations=10) for seed in (3, 4)]
     for feed in feeds:
         pipeline.publish(State(parse_kml(feed.kml), FeedStatus(up=True)))
-        points = [
-            p for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics
-            if m.name == "chargy_connector_state" for p in m.data.data_points
-        ]  # fmt: skip
+        read = readers[0].get_metrics_data()
+        names = {m.name for rm in read.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+        assert "chargy_feed_up" in names and not names & {"chargy_connector_state", "chargy_station_info"}
+        kept = pipeline.kept_network()
+        points = data_points(kept, "chargy_connector_state")
         got = {(p.attributes["connector"], p.attributes["chargy_connector_state"]): p.value for p in points}
         assert len(points) == len(got) == 3 * len(feed.connectors)
         assert got == {
@@ -201,4 +214,39 @@ def test_a_long_lived_reader_reports_exactly_the_current_feed_through_growth_and
             for c in feed.connectors
             for state in ("available", "charging", "unavailable")
         }
+        assert len(data_points(kept, "chargy_connector_detailed_state_info")) == len(feed.connectors)
+    pipeline.shutdown()
+
+
+def test_one_collection_per_publish_serves_prometheus_and_the_kept_network():
+    """With Prometheus scraped and a long-lived reader, a publish collects once: the bodies and the kept network come
+    from the same collection."""
+    endpoint = PrometheusEndpoint()
+    pipeline = MetricsPipeline(
+        Resource.create({}), readers=[lambda limits: InMemoryMetricReader(cardinality_limits=limits)],
+        on_published=[endpoint.render],
+    )  # fmt: skip
+    scrape(endpoint)  # a scraper asked: the next render encodes its format
+    feed = generate_feed(connectors=200, seed=9)
+    collections: list[object] = []
+    original = MetricsPipeline.attached
+
+    def counted(self, make_reader):  # type: ignore[no-untyped-def]
+        collections.append(make_reader)
+        return original(self, make_reader)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MetricsPipeline, "attached", counted)
+        pipeline.publish(State(parse_kml(feed.kml), FeedStatus(up=True)))
+    assert len(collections) == 1
+    assert len(data_points(pipeline.kept_network(), "chargy_connector_state")) == 3 * len(feed.connectors)
+    assert_matches_feed(scrape(endpoint), feed)
+    pipeline.shutdown()
+
+
+def test_nothing_is_kept_without_a_long_lived_reader():
+    pipeline, endpoint = make_pipeline()
+    scrape(endpoint)
+    publish(pipeline, generate_feed(connectors=100, seed=4))
+    assert pipeline.kept_network() is None
     pipeline.shutdown()

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from unittest import mock
@@ -23,7 +25,8 @@ from unittest import mock
 import grpc
 import pytest
 from conftest import ExporterProcess, FeedServer, free_port, http_get
-from feedgen import GeneratedFeed, generate_feed
+from feedgen import GeneratedFeed, evolve, generate_feed
+from loopback import memory_kb, wait_until
 from opentelemetry.metrics import Observation
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from opentelemetry.sdk.metrics import MeterProvider
@@ -210,10 +213,16 @@ def test_every_data_point_and_the_resource_arrive(
     if not grpc_push:
         assert all(r.headers.get("content-encoding") == "gzip" for r in requests)
 
+    # The process' own metrics, under the semantic conventions' names (/metrics has prometheus_client's instead).
+    assert (receiver.value("process.memory.usage") or 0) > 10e6
+    assert (receiver.value("process.uptime") or -1) >= 0
+    assert {dict(key)["cpu.mode"] for key in receiver.points("process.cpu.time")} == {"user", "system"}
+
     # The Prometheus endpoint runs alongside, with the error counter at 0 (and always cumulative there).
     exposition = process.wait_until_up()
     assert len(exposition.samples("chargy_connector_state")) == 3 * len(feed.connectors)
     assert otlp_errors(process) == 0.0
+    assert exposition.value("process_resident_memory_bytes") and not exposition.samples("process_memory_usage_bytes")
     stop_quickly(process)
     logs = logs_of(process)
     assert SECRET not in logs
@@ -459,7 +468,7 @@ def test_an_exporter_that_raises_is_a_failed_export() -> None:
         pass
 
     reports: list[tuple[bool, str]] = []
-    exporter = WatchedBroken(lambda ok, detail: reports.append((ok, detail)), None)
+    exporter = WatchedBroken(lambda ok, detail: reports.append((ok, detail)), None, lambda: None)
     assert exporter.export(MetricsData(resource_metrics=[])) is MetricExportResult.FAILURE
     assert reports == [(False, "RuntimeError: cannot encode this")]
 
@@ -503,7 +512,7 @@ def test_the_reader_lives_through_churn_and_the_error_count_shows_on_metrics(grp
         on_published=[endpoint.render],
         instruments=[push.register_instruments],
     )
-    push.attach(pipeline.notify)
+    push.attach(pipeline)
     try:
         grpc_receiver.failure = Failure(grpc_code=grpc.StatusCode.PERMISSION_DENIED, message="no")
         first = generate_feed(connectors=600, seed=1)
@@ -532,6 +541,151 @@ def test_the_reader_lives_through_churn_and_the_error_count_shows_on_metrics(grp
 
 def exposition(endpoint: Any) -> str:
     return str(endpoint.exposition("", "")[2].decode())
+
+
+# ---- through the process: each export is the current network, and the counters add up ------------------------------
+
+
+class ExportLog:
+    """A receiver sink keeping every data point of the metrics named, with its timestamps, in arrival order."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = set(names)
+        self.points: list[tuple[str, tuple[tuple[str, str], ...], float, int, int]] = []  # name, attrs, value, t, start
+        self.lock = threading.Lock()
+
+    def __call__(self, request: Any) -> None:
+        found = [
+            (name, attribute_key(point.attributes), point_value(point), point.time_unix_nano,
+             point.start_time_unix_nano)
+            for _, name, point in iter_points(request) if name in self.names
+        ]  # fmt: skip
+        with self.lock:
+            self.points += found
+
+    def exports(self, name: str) -> dict[int, dict[tuple[tuple[str, str], ...], float]]:
+        """Each export's points of `name` by their time (every point of one export carries the export's time)."""
+        by_time: dict[int, dict[tuple[tuple[str, str], ...], float]] = {}
+        with self.lock:
+            for metric, attributes, value, when, _ in self.points:
+                if metric == name:
+                    by_time.setdefault(when, {})[attributes] = value
+        return by_time
+
+    def delta_sums(self, name: str) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        with self.lock:
+            for metric, attributes, value, *_ in self.points:
+                if metric == name:
+                    reason = dict(attributes)["reason"]
+                    sums[reason] = sums.get(reason, 0.0) + value
+        return sums
+
+    def start_times(self, name: str) -> dict[tuple[tuple[str, str], ...], set[int]]:
+        """The start times each series of `name` was sent with."""
+        starts: dict[tuple[tuple[str, str], ...], set[int]] = {}
+        with self.lock:
+            for metric, attributes, *_, start in self.points:
+                if metric == name:
+                    starts.setdefault(attributes, set()).add(start)
+        return starts
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_every_export_is_exactly_the_current_network_at_the_exports_time(
+    protocol: str, feed_server: FeedServer, exporter_process: StartExporter
+) -> None:
+    """After the network changed, the next exports hold exactly the new feed's points: a connector gone from the feed
+    is gone from them, nothing of the old feed stays; and every export stamps its points with its own time."""
+    first = generate_feed(connectors=300, seed=21)
+    second = evolve(first, seed=22, state_changes=0.5, removed=0.2, added_stations=15)
+    receiver: GrpcReceiver | HttpReceiver = GrpcReceiver() if protocol == "grpc" else HttpReceiver()
+    log = ExportLog("chargy_connector_state", "chargy_connector_detailed_state_info")
+    receiver.sink = log
+    expected = {feed.seed: expected_points(feed) for feed in (first, second)}
+
+    def exports_of(feed: GeneratedFeed) -> list[int]:
+        """The times of the exports whose points are exactly `feed`'s."""
+        state, detailed = (
+            log.exports(name) for name in ("chargy_connector_state", "chargy_connector_detailed_state_info")
+        )
+        want = expected[feed.seed]
+        state_points, detailed_points = want["chargy_connector_state"], want["chargy_connector_detailed_state_info"]
+        return [t for t, points in state.items() if points == state_points and detailed.get(t) == detailed_points]
+
+    try:
+        feed_server.set_body(first.kml)
+        process = exporter_process("--kml-url", feed_server.url, env=push_env(receiver))
+        receiver.wait_for(lambda: len(exports_of(first)) >= 2, 30, "two exports of the first feed")
+        changed_at = time.time_ns()
+        feed_server.set_body(second.kml)
+        process.refresh_now()
+        receiver.wait_for(lambda: len(exports_of(second)) >= 2, 30, "two exports of the changed feed")
+        stop_quickly(process)
+    finally:
+        receiver.close()
+    state_exports = log.exports("chargy_connector_state")
+    # Every export was one feed or the other, whole: none mixed the two, none kept a connector gone.
+    assert sorted(state_exports) == sorted([*exports_of(first), *exports_of(second)])
+    assert max(exports_of(first)) < min(exports_of(second))
+    assert min(exports_of(second)) > changed_at
+    # The same data exported again carries the new export's time, never a repeated one.
+    assert len(set(exports_of(second))) == len(exports_of(second)) >= 2
+    gone = {c.connector for c in first.connectors} - {c.connector for c in second.connectors}
+    assert gone  # the test means something only if connectors went away
+
+
+@pytest.mark.parametrize("preference", ["delta", "cumulative"])
+def test_the_counters_pushed_add_up_to_what_metrics_shows(
+    preference: str, http_receiver: HttpReceiver, feed_server: FeedServer, exporter_process: StartExporter
+) -> None:
+    """Refreshes that fail for several reasons, and a network that changes between them: with delta temporality the
+    points a backend adds up come to /metrics' totals exactly; with cumulative, the latest equal them and the start
+    time never moves."""
+    name = "chargy_feed_refresh_errors"
+    log = ExportLog(name)
+    http_receiver.sink = log
+    feed = generate_feed(connectors=200, seed=31)
+    feed_server.set_body(feed.kml)
+    env = push_env(http_receiver, OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=preference)
+    process = exporter_process("--kml-url", feed_server.url, env=env)
+    process.wait_until_up()
+
+    def totals() -> dict[str, float]:
+        return {s.labels["reason"]: s.value for s in process.scrape().samples(f"{name}_total")}
+
+    def pushed() -> dict[str, float]:
+        if preference == "delta":
+            return log.delta_sums(name)
+        latest: dict[str, float] = {}
+        with log.lock:
+            for _, attributes, value, *_ in log.points:
+                latest[dict(attributes)["reason"]] = value
+        return latest
+
+    for step, body in enumerate(
+        [b"<kml><Document>", b"<html><body>maintenance</body></html>", None, b"<kml><Document>", None]
+    ):
+        before = sum(totals().values())
+        feed = evolve(feed, seed=40 + step, state_changes=0.3, removed=0.05, added_stations=3)
+        feed_server.set_body(feed.kml if body is None else body)
+        process.refresh_now()
+        if body is None:
+            process.wait_for(lambda e, feed=feed: e.value("chargy_connectors") == len(feed.connectors))
+        else:
+            process.wait_for(lambda e, before=before: sum(s.value for s in e.samples(f"{name}_total")) > before)
+    # The feed is good again: no more errors. Pushed and shown agree, and keep agreeing over further exports.
+    wait_until(lambda: pushed() == totals(), 30, "the pushed counters reach /metrics' totals",
+               lambda: f"pushed {pushed()}, shown {totals()}")  # fmt: skip
+    shown = totals()
+    assert shown["malformed_xml"] >= 2 and shown["not_kml"] >= 1
+    exports = len(http_receiver.requests())
+    http_receiver.wait_for(lambda: len(http_receiver.requests()) >= exports + 3, 30, "three more exports")
+    assert pushed() == totals() == shown
+    if preference == "cumulative":
+        starts = log.start_times(name)
+        assert len(starts) == len(shown) and all(len(times) == 1 for times in starts.values()), "a start time moved"
+    stop_quickly(process)
 
 
 # ---- the stable instance id, through the process ---------------------------------------------------------------------
@@ -631,6 +785,43 @@ def snapshot_of(feed: GeneratedFeed) -> Any:
     )
 
 
+PUSH_RSS_BOUND_KIB = 80 * 1024  # tests/test_e2e.py's 60 MiB for Prometheus alone, plus gRPC's ~17 MB and the network
+PUSH_RSS_GROWTH_KIB = 8 * 1024
+
+
+@pytest.mark.slow
+def test_push_memory_follows_the_current_network_not_its_history(
+    grpc_receiver: GrpcReceiver, feed_server: FeedServer, exporter_process: StartExporter
+) -> None:
+    """The live feed's size, gRPC push every 200 ms, 30 refreshes in which a third of the connectors change state and
+    40 stations go while 40 new ones come: resident memory stays under the bound and does not grow from the first
+    refreshes to the last (the SDK's reader would keep every series the network ever had). benchmarks/push_benchmark.py
+    measures the same over 500 refreshes, beside Prometheus alone."""
+    exports = [0]
+    grpc_receiver.sink = lambda _request: exports.__setitem__(0, exports[0] + 1)  # counted, not kept
+    feed = generate_feed()
+    feed_server.set_body(feed.kml)
+    process = exporter_process("--kml-url", feed_server.url, env=push_env(grpc_receiver))
+    process.wait_until_up()
+    rss: dict[int, int] = {}
+    for refresh in range(1, 31):
+        step = evolve(feed, seed=refresh, state_changes=0.3, removed=0, added_stations=40)
+        feed = replace(step, stations=step.stations[40:])
+        feed_server.set_body(feed.kml)
+        process.refresh_now()
+        names = {c.connector for c in feed.connectors}
+        process.wait_for(lambda e, names=names: {s.labels["connector"] for s in e.samples("chargy_connector_state")}
+                         == names, 60)  # fmt: skip
+        pushed = exports[0]
+        grpc_receiver.wait_for(lambda pushed=pushed: exports[0] >= pushed + 2, 30, "an export of the refreshed feed")
+        rss[refresh] = memory_kb(process.process.pid)["VmRSS"]
+    assert not failure_lines(logs_of(process))
+    # Medians of five refreshes: an export in flight when RSS is read adds its working memory (up to ~10 MB).
+    early, late = (statistics.median(rss[n] for n in refreshes) for refreshes in (range(3, 8), range(26, 31)))
+    assert late <= PUSH_RSS_BOUND_KIB, f"{late / 1024:.1f} MiB resident around the 30th refresh: {rss}"
+    assert late - early <= PUSH_RSS_GROWTH_KIB, f"grew {(late - early) / 1024:.1f} MiB from refresh 5 to 28: {rss}"
+
+
 @pytest.mark.slow
 def test_17000_connectors_arrive_complete_through_the_process(
     feed_server: FeedServer, exporter_process: StartExporter
@@ -679,10 +870,8 @@ def test_170000_connectors_arrive_complete_through_grpc_with_default_limits(grpc
     grpc_receiver.sink = checker
     # No periodic export: the test flushes, with a timeout for collecting that large a feed.
     push = OtlpPush(OtlpSettings(endpoint=grpc_receiver.endpoint, export_interval=math.inf))
-    pipeline = MetricsPipeline(
-        Resource.create({}), readers=[push.make_reader], instruments=[push.register_instruments], max_connectors=200_000
-    )
-    push.attach(pipeline.notify)
+    pipeline = MetricsPipeline(Resource.create({}), readers=[push.make_reader], instruments=[push.register_instruments])
+    push.attach(pipeline)
     try:
         pipeline.publish(State(snapshot_of(feed), FeedStatus(up=True)))
         assert push.force_flush(timeout_millis=300_000)

@@ -6,7 +6,7 @@ import re
 from html.parser import HTMLParser
 from types import MappingProxyType
 
-from feedgen import ExpectedStation, generate_feed
+from feedgen import generate_feed
 
 from chargy_exporter import __version__
 from chargy_exporter.config import Config
@@ -64,22 +64,12 @@ def number(page: _Page, element_id: str) -> int:
     return int(page.by_id[element_id].replace(",", ""))
 
 
-def station_counts(stations: list[ExpectedStation]) -> tuple[int, int, int]:
-    """As the dashboard's PromQL counts (`sum by (station)`): station names having connectors, those of them with
-    none available; and apart, the names listing no connector (they have no series)."""
-    by_name: dict[str, list[str]] = {}
-    for station in stations:
-        by_name.setdefault(station.name, []).extend(c.simplified for c in station.connectors)
-    listed = [states for states in by_name.values() if states]
-    return len(listed), sum(1 for states in listed if "available" not in states), len(by_name) - len(listed)
-
-
 def test_the_network_counts_are_the_feeds() -> None:
     page = page_of(State(parse_kml(FEED.kml), FeedStatus(up=True, last_success_time=NOW - 30)))
     expected = FEED.counts_by_state()
     for state in ("available", "charging", "unavailable"):
         assert number(page, state) == expected.get(state, 0)
-    stations, without_available, without_connectors = station_counts(FEED.expected_stations)
+    stations, without_available, without_connectors = FEED.station_counts()
     assert without_connectors > 0, "the odd-shaped feed should have Placemarks without devices"
     assert number(page, "stations-without-available") == without_available
     assert f"of {stations:,} stations with no connector available" in page.text

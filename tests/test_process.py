@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
-from conftest import http_get, parse_exposition
+from conftest import parse_exposition
 from feedgen import generate_feed
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader

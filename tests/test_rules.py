@@ -70,6 +70,13 @@ MUTATIONS = {
     ),
     "per-station sums keep the state": ("sum by (station, chargy_connector_state)", "sum by (station)"),
     "no-available count is 0, not absent": ("or on() (count(sum by (station) (chargy_connector_state)) * 0)\n  ", ""),
+    "memory high above 80% of 256 MiB, not 90%": ("> 0.8 * 256 * 1024 * 1024", "> 0.9 * 256 * 1024 * 1024"),
+    "memory high stays quiet below 80% of 256 MiB": ("> 0.8 * 256 * 1024 * 1024", "> 0.7 * 256 * 1024 * 1024"),
+    "memory high waits 15m": ("1024 * 1024\n        for: 15m", "1024 * 1024\n        for: 5m"),
+    "memory high is the exporter's, not Prometheus'": (
+        'process_resident_memory_bytes{job="chargy"}',
+        "process_resident_memory_bytes",
+    ),
 }
 
 
@@ -98,6 +105,7 @@ def test_alerts_have_the_documented_conditions(rules: dict[str, dict[str, Any]])
         "ChargyFeedStale": "5m",
         "ChargyFeedDown": "15m",
         "ChargyStationAllUnavailable": "1h",
+        "ChargyExporterMemoryHigh": "15m",
     }
     alerts = {name: rule for name, rule in rules.items() if "alert" in rule}
     assert set(alerts) == set(expected_for)
@@ -106,6 +114,16 @@ def test_alerts_have_the_documented_conditions(rules: dict[str, dict[str, Any]])
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
     assert 'up{job="chargy"} == 0' in alerts["ChargyExporterDown"]["expr"]
+    memory = alerts["ChargyExporterMemoryHigh"]
+    assert memory["expr"].strip() == 'process_resident_memory_bytes{job="chargy"} > 0.8 * 256 * 1024 * 1024'
+    assert memory["labels"]["severity"] == "warning"
+    # 256 MiB is the memory limit the shipped deployments set: the alert's threshold moves with it.
+    deployment = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text(encoding="utf-8"))
+    [exporter] = deployment["spec"]["template"]["spec"]["containers"]
+    assert exporter["resources"]["limits"]["memory"] == "256Mi"
+    unit = (ROOT / "deploy" / "systemd" / "chargy-exporter.service").read_text(encoding="utf-8")
+    assert re.search(r"^MemoryMax=256M$", unit, re.MULTILINE)
+    assert "256 MiB" in memory["annotations"]["description"]
     # The job name the alerts select is the one the demo config scrapes the exporter with.
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text(encoding="utf-8"))
     assert "chargy" in {job["job_name"] for job in config["scrape_configs"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import subprocess
+import sys
 from pathlib import Path
 
 import bcrypt
@@ -12,7 +13,6 @@ import yaml
 from certs import Authority
 from loopback import exporter_command
 
-from chargy_exporter import webconfig
 from chargy_exporter.config import load_config
 from chargy_exporter.webconfig import BasicAuth, WebConfigError, load_web_config
 
@@ -116,6 +116,13 @@ def test_missing_or_wrong_credentials_get_401_with_a_basic_challenge(authorizati
     assert status.startswith("401") and headers["WWW-Authenticate"].startswith("Basic ")
 
 
+def test_without_a_web_config_neither_yaml_nor_bcrypt_is_loaded():
+    """They cost ~1.3 MB resident: only a process given --web-config-file pays for them."""
+    script = "import sys, chargy_exporter.cli; print(sorted({'yaml', 'bcrypt'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_password_is_checked_with_bcrypt_once_and_healthz_stays_open(monkeypatch):
     checks: list[bytes] = []
     real = bcrypt.checkpw
@@ -124,7 +131,7 @@ def test_a_password_is_checked_with_bcrypt_once_and_healthz_stays_open(monkeypat
         checks.append(password)
         return real(password, hashed)
 
-    monkeypatch.setattr(webconfig.bcrypt, "checkpw", counted)
+    monkeypatch.setattr(bcrypt, "checkpw", counted)
     app = BasicAuth(ok_app, {"prometheus": HASH.encode()})
     for _ in range(20):
         assert call(app, authorization=header("prometheus", PASSWORD))[0] == "200 OK"

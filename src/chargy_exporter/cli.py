@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Final
 
-from . import __version__
+from . import __version__, process
 from .config import Config, RedactingFilter, load_config
 from .feed import FeedClient
 from .metrics import MetricsPipeline
@@ -57,10 +55,10 @@ def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipel
         readers=[push.make_reader] if push is not None else [],
         on_published=[endpoint.render] if prometheus else [],
         instruments=[push.register_instruments] if push is not None else [],
-        max_connectors=config.max_connectors,
+        reader_instruments=[process.register_instruments],
     )
     if push is not None:
-        push.attach(pipeline.notify)
+        push.attach(pipeline)
         otlp = push.settings
         log.info("pushing OTLP metrics (%s) to %s every %g s", otlp.protocol, otlp.shown_endpoint, otlp.export_interval)
     if not prometheus and push is None:
@@ -69,19 +67,8 @@ def build_pipeline(config: Config, endpoint: PrometheusEndpoint) -> MetricsPipel
     return pipeline
 
 
-def tune_malloc(environ: Mapping[str, str]) -> None:
-    """glibc's allocator (mallopt(3)), before any thread starts: one arena for all threads, and blocks of 128 KiB or
-    more always mapped, so that a refresh's large buffers go back to the system (~4 MB less resident). The user's
-    MALLOC_* variables win; another C library has no mallopt and keeps its ways."""
-    with contextlib.suppress(OSError, AttributeError):
-        mallopt = ctypes.CDLL(None).mallopt
-        for parameter, value, variable in ((-8, 1, "MALLOC_ARENA_MAX"), (-3, 128 * 1024, "MALLOC_MMAP_THRESHOLD_")):
-            if variable not in environ:
-                mallopt(parameter, value)  # M_ARENA_MAX, M_MMAP_THRESHOLD
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    tune_malloc(os.environ)
+    process.tune_malloc(os.environ)
     config = load_config(argv)
     setup_logging(config)
     # Blocked before any thread starts, so that every thread leaves them to the sigwait() below.

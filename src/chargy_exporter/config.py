@@ -311,8 +311,8 @@ def build_parser() -> _Parser:
     option("--max-feed-bytes", "CHARGY_MAX_FEED_BYTES", _number(1024, 1024**3, " bytes", _bytes), "BYTES",
            "largest feed accepted, decompressed (bytes, or with KiB/MiB/GiB)")  # fmt: skip
     option("--max-connectors", "CHARGY_MAX_CONNECTORS", _number(1, 1_000_000, " connectors", int), "N",
-           "largest number of connectors accepted (memory: ~3 KB each; with OTLP push ~25-30 KB as their "
-           "states churn)")  # fmt: skip
+           "largest number of connectors accepted (memory: ~3 KB each; ~5 KB with OTLP push, which keeps the "
+           "network's data points between exports)")  # fmt: skip
     levels = ("debug", "info", "warning", "error", "critical")
     option("--log-level", "CHARGY_LOG_LEVEL", _choice(*levels), "LEVEL", ", ".join(levels))
     option("--metrics-exporter", "OTEL_METRICS_EXPORTER", _choice("prometheus", "otlp", "none", many=True), "LIST",

@@ -1,14 +1,16 @@
-"""OpenTelemetry instruments over the published `State`, one MeterProvider for the process. Callbacks turn the state
-into observations as a collection reads them (no I/O, nothing kept). The SDK keeps every attribute set a reader ever
-saw, so the Prometheus path collects through a reader made for that collection (`attached`); the long-lived OTLP
-reader's limit is sized from `max_connectors`: its stale sets are bounded and nothing folds into an overflow series."""
+"""OpenTelemetry instruments over the published `State`. Callbacks turn the state into observations as a collection
+reads them (no I/O, nothing kept). The SDK keeps, per reader, every attribute set an asynchronous instrument ever
+reported, so the network's instruments are only ever read by readers made for one collection (`attached`), once per
+publish: Prometheus renders its bodies from that collection, and OTLP push sends the network's data points of it
+(`kept_network`) at every export until the next publish. Only the self-metrics (a few series each) are read by the
+long-lived OTLP reader, which keeps their delta/cumulative bookkeeping the SDK's own."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import (
@@ -19,22 +21,21 @@ from opentelemetry.sdk.metrics import (
     ObservableCounter,
     ObservableGauge,
 )
-from opentelemetry.sdk.metrics.export import CardinalityLimits, MetricReader
+from opentelemetry.sdk.metrics.export import CardinalityLimits, InMemoryMetricReader, MetricReader, MetricsData
 from opentelemetry.sdk.metrics.view import LastValueAggregation, SumAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.util.types import Attributes
 
 from . import __version__
-from .model import MAX_CONNECTORS, REFRESH_ERROR_REASONS, SIMPLIFIED_STATES, SKIP_REASONS, Connector, Snapshot, State
+from .model import REFRESH_ERROR_REASONS, SIMPLIFIED_STATES, SKIP_REASONS, Connector, Snapshot, State
 
 ReaderFactory = Callable[[CardinalityLimits], MetricReader]
 Observe = Callable[[State], Iterable[Observation]]
+Register = Callable[[Meter], None]
+R = TypeVar("R", bound=MetricReader)
 
 # Room above the series a collection holds (self-metrics, a few stations more than connectors...).
 _SLACK: Final = 1024
-# Attribute sets a long-lived reader may accumulate per connector: its three simplified states, plus its
-# detailed-state series for as many raw states as it is ever seen in.
-_SETS_PER_CONNECTOR: Final = 8
 
 
 def _labelled(snapshot: Snapshot) -> Iterator[tuple[dict[str, str], Connector]]:
@@ -72,8 +73,10 @@ def _optional(value: float | None) -> list[Observation]:
     return [] if value is None else [Observation(value)]
 
 
-# Instruments: (name, counter or gauge, unit, description, what it observes of the published state).
-_INSTRUMENTS: Final[tuple[tuple[str, str, str, str, Observe], ...]] = (
+# Instruments: (name, counter or gauge, unit, description, what it observes of the published state). The network's
+# series come and go with the feed; the self-metrics' are a few, always the same.
+Instrument = tuple[str, str, str, str, Observe]
+_NETWORK: Final[tuple[Instrument, ...]] = (
     ("chargy_connector_state", "gauge", "",
      "Simplified connector state: 1 for the current one of available|charging|unavailable, else 0",
      lambda state: _connector_states(state.snapshot)),
@@ -81,6 +84,14 @@ _INSTRUMENTS: Final[tuple[tuple[str, str, str, str, Observe], ...]] = (
      lambda state: _detailed_states(state.snapshot)),
     ("chargy_station_info", "gauge", "", "Station address and coordinates (WGS84), always 1",
      lambda state: _station_infos(state.snapshot)),
+    ("chargy_stations", "gauge", "", "Stations in the served data",
+     lambda state: [Observation(len(state.snapshot.stations))]),
+    ("chargy_devices", "gauge", "", "Devices in the served data",
+     lambda state: [Observation(state.snapshot.device_count)]),
+    ("chargy_connectors", "gauge", "", "Connectors in the served data",
+     lambda state: [Observation(state.snapshot.connector_count)]),
+)  # fmt: skip
+_SELF: Final[tuple[Instrument, ...]] = (
     ("chargy_feed_up", "gauge", "", "1 if the last feed refresh succeeded, else 0",
      lambda state: [Observation(1 if state.status.up else 0)]),
     ("chargy_feed_last_success_timestamp_seconds", "gauge", "s", "Unix time of the last successful feed refresh",
@@ -92,12 +103,6 @@ _INSTRUMENTS: Final[tuple[tuple[str, str, str, str, Observe], ...]] = (
     ("chargy_feed_skipped_records", "counter", "",
      "Feed records skipped while parsing (bad device JSON, connector without state...), by reason",
      lambda state: _counts(state.status.skipped, SKIP_REASONS)),
-    ("chargy_stations", "gauge", "", "Stations in the served data",
-     lambda state: [Observation(len(state.snapshot.stations))]),
-    ("chargy_devices", "gauge", "", "Devices in the served data",
-     lambda state: [Observation(state.snapshot.device_count)]),
-    ("chargy_connectors", "gauge", "", "Connectors in the served data",
-     lambda state: [Observation(state.snapshot.connector_count)]),
 )  # fmt: skip
 
 
@@ -120,8 +125,11 @@ def _limits(series: int) -> CardinalityLimits:
 
 
 class MetricsPipeline:
-    """The process' MeterProvider, its instruments and the state they report. `readers` are long-lived (OTLP push);
-    `on_published` hooks run after every publish and may collect through `attached` (the Prometheus endpoint)."""
+    """The instruments and the state they report, on three MeterProviders with one resource: the network's, read only
+    by readers attached for one collection; the self-metrics', read by the Prometheus endpoint the same way; and, when
+    there are long-lived `readers` (OTLP push), the self-metrics again with `reader_instruments` (the process' own
+    metrics, which /metrics takes from prometheus_client), read by those readers. `on_published` hooks run after every
+    publish and may collect through `attached` (the Prometheus endpoint)."""
 
     def __init__(
         self,
@@ -129,16 +137,26 @@ class MetricsPipeline:
         *,
         readers: Sequence[ReaderFactory] = (),
         on_published: Sequence[Callable[[MetricsPipeline], None]] = (),
-        instruments: Sequence[Callable[[Meter], None]] = (),
-        max_connectors: int = MAX_CONNECTORS,
+        instruments: Sequence[Register] = (),
+        reader_instruments: Sequence[Register] = (),
     ) -> None:
         self._on_published = tuple(on_published)
         # Held by a publish and its renders, and by a collection through `attached`: neither sees a publish midway.
         self._lock = threading.RLock()
         self._state = State()
-        long_lived = _limits(_SETS_PER_CONNECTOR * max_connectors)
-        self._provider: MeterProvider | None = MeterProvider(
-            metric_readers=[factory(long_lived) for factory in readers],
+        self._network_data: MetricsData | None = None  # the network's points of the last collection, for `readers`
+        self._network = self._provider(resource, _NETWORK, ())
+        self._self = self._provider(resource, _SELF, instruments)
+        self._pushed: MeterProvider | None = None
+        self._closed = False
+        if readers:
+            self._pushed = self._provider(resource, _SELF, [*instruments, *reader_instruments])
+            for factory in readers:
+                self._pushed.add_metric_reader(factory(_limits(0)))
+        self.notify()  # outputs show feed_up 0 and no connector data until the first refresh
+
+    def _provider(self, resource: Resource, made: Iterable[Instrument], more: Iterable[Register]) -> MeterProvider:
+        provider = MeterProvider(
             resource=resource,
             # The aggregation named, not the default one: the SDK then skips a type dispatch per series and collection.
             views=[
@@ -151,35 +169,54 @@ class MetricsPipeline:
             exemplar_filter=AlwaysOffExemplarFilter(),  # no observation carries a trace: nothing to look up
             shutdown_on_exit=False,
         )
-        meter = self._provider.get_meter("chargy_exporter", __version__)
-        for name, kind, unit, description, observe in _INSTRUMENTS:
+        meter = provider.get_meter("chargy_exporter", __version__)
+        for name, kind, unit, description, observe in made:
             create = meter.create_observable_counter if kind == "counter" else meter.create_observable_gauge
             create(name, [self._callback(observe)], unit=unit, description=description)
-        for register in instruments:
+        for register in more:
             register(meter)
-        self.notify()  # outputs show feed_up 0 and no connector data until the first refresh
+        return provider
 
     @contextmanager
-    def attached(self, make_reader: ReaderFactory) -> Iterator[MetricReader]:
-        """A reader sized for the published state, reading the provider while inside; its storage starts empty and
-        goes with it. No publish happens inside, so its limits hold for every collection it makes there."""
+    def attached(self, make_reader: Callable[[CardinalityLimits, bool], R]) -> Iterator[tuple[R, R]]:
+        """Two readers for one collection, reading the network's provider and the self-metrics' while inside:
+        `make_reader(limits, True)` for the network, sized for the published state, `make_reader(limits, False)` for
+        the self-metrics. Their storage starts empty and goes with them; no publish happens inside."""
         with self._lock:
-            if self._provider is None:
+            if self._closed:
                 raise RuntimeError("the pipeline is shut down")
             snapshot = self._state.snapshot
             # The largest instrument: three series per connector, or one per station.
-            reader = make_reader(_limits(max(3 * snapshot.connector_count, len(snapshot.stations))))
-            self._provider.add_metric_reader(reader)
+            network = make_reader(_limits(max(3 * snapshot.connector_count, len(snapshot.stations))), True)
+            status = make_reader(_limits(0), False)
+            self._network.add_metric_reader(network)
+            self._self.add_metric_reader(status)
             try:
-                yield reader
+                yield network, status
             finally:
-                self._provider.remove_metric_reader(reader)  # also shuts the reader down
+                self._network.remove_metric_reader(network)  # also shuts the reader down
+                self._self.remove_metric_reader(status)
+
+    def keep_network(self, collected: MetricsData) -> None:
+        """What a collection through `attached` gave of the network: the long-lived readers' exports send it until
+        the next publish (nothing is kept without them)."""
+        if self._pushed is not None:
+            self._network_data = collected
+
+    def kept_network(self) -> MetricsData | None:
+        """The network's data points of the published state (None: no long-lived reader, or not collected yet)."""
+        return self._network_data
 
     def publish(self, state: State) -> None:
-        """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up."""
+        """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up, and collect
+        the network for the long-lived readers if no output did."""
         with self._lock:
             self._state = state
+            self._network_data = None
             self.notify()
+            if self._pushed is not None and self._network_data is None:
+                with self.attached(lambda limits, _network: InMemoryMetricReader(cardinality_limits=limits)) as readers:
+                    self._network_data = readers[0].get_metrics_data()
 
     def notify(self) -> None:
         """Run the published hooks, also after a self-metric changed outside a refresh (an OTLP export failed). Never
@@ -188,7 +225,7 @@ class MetricsPipeline:
         if not self._lock.acquire(blocking=False):
             return
         try:
-            if self._provider is not None:
+            if not self._closed:
                 for hook in self._on_published:
                     hook(self)
         finally:
@@ -196,9 +233,10 @@ class MetricsPipeline:
 
     def shutdown(self, timeout_millis: float = 5_000) -> None:
         with self._lock:
-            if self._provider is not None:
-                self._provider.shutdown(timeout_millis=timeout_millis)
-                self._provider = None
+            for provider in (self._pushed, self._self, self._network):
+                if provider is not None:  # the long-lived readers first: their last export still has the network
+                    provider.shutdown(timeout_millis=timeout_millis)
+            self._closed = True
 
     def _callback(self, observe: Observe) -> Callable[[CallbackOptions], Iterable[Observation]]:
         # Reads the state once: a collection on another thread (OTLP) sees one snapshot per instrument.

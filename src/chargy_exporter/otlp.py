@@ -1,18 +1,23 @@
 """OTLP push: the SDK's `PeriodicExportingMetricReader` over the SDK's OTLP exporter (gRPC or HTTP/protobuf),
 subclassed only to watch `export()`, so that what the exporter reads from the OTEL_* variables (the temporality
-preference included) is what the reader collects with. A failed export is counted and logged once, on one line."""
+preference included) is what the reader collects with. The reader collects the self-metrics only; each export adds
+the network's data points of the pipeline's last collection, stamped with the export's time (`with_network`), as the
+Prometheus endpoint serves the bodies of that collection. A failed export is counted and logged once, on one line."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from typing import Any, Final
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Final
 
 import requests
 from opentelemetry.metrics import Meter, Observation
 from opentelemetry.sdk.metrics.export import (
     CardinalityLimits,
+    Metric,
     MetricExporter,
     MetricExportResult,
     MetricReader,
@@ -20,7 +25,11 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 
+from . import process
 from .config import GRPC, OtlpSettings
+
+if TYPE_CHECKING:
+    from .metrics import MetricsPipeline
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,25 @@ SDK_EXPORTER_LOGGERS: Final = (
 NO_REASON: Final = "no reason given (the OTLP exporter's own messages are logged at DEBUG)"
 
 Report = Callable[[bool, str], None]  # (succeeded, what is known about a failure)
+Kept = Callable[[], MetricsData | None]  # the network's data points to send with each export
+
+
+def _stamped(metric: Metric, now: int) -> Metric:
+    points = [replace(point, time_unix_nano=now) for point in metric.data.data_points]
+    return replace(metric, data=replace(metric.data, data_points=points))  # type: ignore[arg-type]
+
+
+def with_network(collected: MetricsData, network: MetricsData | None, now: int) -> MetricsData:
+    """The reader's collection (self-metrics) with the network's points, every one stamped `now`: a backend drops a
+    gauge point whose timestamp it has seen as a duplicate, and marks a series not updated for 5 minutes stale. Both
+    come from providers with one resource and one meter: the network joins the collection's one scope."""
+    if network is None or not collected.resource_metrics:
+        return collected
+    stamped = [_stamped(m, now) for rm in network.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+    resource, *others = collected.resource_metrics
+    scope, *more = resource.scope_metrics
+    merged = replace(resource, scope_metrics=[replace(scope, metrics=[*stamped, *scope.metrics]), *more])
+    return MetricsData([merged, *others])
 
 
 def _lower_to_debug(record: logging.LogRecord) -> bool:
@@ -62,9 +90,10 @@ class _AnswerSession(requests.Session):
 class _Watched(MetricExporter):
     """Mixed in before an SDK OTLP exporter class: reports what each `export()` returns or raises."""
 
-    def __init__(self, report: Report, answers: _AnswerSession | None, **options: Any) -> None:
+    def __init__(self, report: Report, answers: _AnswerSession | None, kept: Kept, **options: Any) -> None:
         self._report = report
         self._answers = answers
+        self._kept = kept
         super().__init__(**options)
 
     def export(
@@ -75,11 +104,15 @@ class _Watched(MetricExporter):
         timeout = 10_000 if timeout_millis is None else timeout_millis  # the HTTP exporter's signature allows None
         try:
             # MetricExporter.export is abstract: the SDK exporter class after this one in the MRO implements it.
-            result = super().export(metrics_data, timeout_millis=timeout, **kwargs)  # type: ignore[safe-super]
+            result = super().export(  # type: ignore[safe-super]
+                with_network(metrics_data, self._kept(), time.time_ns()), timeout_millis=timeout, **kwargs
+            )
         except Exception as error:  # the reader would log it with a traceback: one line instead
             message = " ".join(str(error).split())[:300]
             self._report(False, f"{type(error).__name__}: {message}" if message else type(error).__name__)
             return MetricExportResult.FAILURE
+        finally:
+            process.release_memory()  # an export encodes the whole network: ~100,000 short-lived objects
         if result is MetricExportResult.SUCCESS:
             self._report(True, "")
         else:
@@ -88,8 +121,9 @@ class _Watched(MetricExporter):
         return result
 
 
-def make_sdk_exporter(settings: OtlpSettings, report: Report) -> MetricExporter:
-    """The SDK's OTLP exporter for `settings` (grpc is imported only here, for gRPC); `report` hears every outcome."""
+def make_sdk_exporter(settings: OtlpSettings, report: Report, kept: Kept) -> MetricExporter:
+    """The SDK's OTLP exporter for `settings` (grpc is imported only here, for gRPC); `report` hears every outcome;
+    `kept()` gives the network's points each export adds."""
     for name in SDK_EXPORTER_LOGGERS:
         logging.getLogger(name).addFilter(_lower_to_debug)  # added only if not there yet
     options = dict(endpoint=settings.endpoint, timeout=settings.timeout, max_export_batch_size=MAX_POINTS_PER_REQUEST)
@@ -99,21 +133,22 @@ def make_sdk_exporter(settings: OtlpSettings, report: Report) -> MetricExporter:
         class WatchedGrpcExporter(_Watched, GrpcExporter):
             pass
 
-        return WatchedGrpcExporter(report, None, **options)
+        return WatchedGrpcExporter(report, None, kept, **options)
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
     class WatchedHttpExporter(_Watched, HttpExporter):
         pass
 
     session = _AnswerSession()
-    return WatchedHttpExporter(report, session, session=session, **options)
+    return WatchedHttpExporter(report, session, kept, session=session, **options)
 
 
 class OtlpPush:
     """The OTLP output of a MetricsPipeline: a reader factory (`make_reader`), its self-metric, the failure bookkeeping.
 
-    `attach(pipeline.notify)` makes /metrics show a new error count; `notify` is called on the exporting thread, also
-    while the pipeline shuts the reader down, so it must not wait for the pipeline's lock or render there."""
+    `attach(pipeline)`: exports send the network's points of the pipeline's last collection, and /metrics shows a new
+    error count (`pipeline.notify` is called on the exporting thread, also while the pipeline shuts the reader down,
+    so it must not wait for the pipeline's lock or render there)."""
 
     def __init__(self, settings: OtlpSettings) -> None:
         self.settings = settings
@@ -121,17 +156,18 @@ class OtlpPush:
         self.errors = 0  # failed exports so far
         self._last_succeeded: bool | None = None  # None until the first export
         self._notify: Callable[[], None] | None = None
+        self._kept: Kept = lambda: None
         self._reader: MetricReader | None = None
 
-    def attach(self, notify: Callable[[], None]) -> None:
-        self._notify = notify
+    def attach(self, pipeline: MetricsPipeline) -> None:
+        self._notify, self._kept = pipeline.notify, pipeline.kept_network
 
     def make_reader(self, limits: CardinalityLimits) -> MetricReader:
         self._reader = PeriodicExportingMetricReader(
-            make_sdk_exporter(self.settings, self._exported),
+            make_sdk_exporter(self.settings, self._exported, lambda: self._kept()),
             export_interval_millis=self.settings.export_interval * 1000,
             export_timeout_millis=self.settings.export_timeout * 1000,
-            cardinality_limits=limits,  # the pipeline's: the SDK's default of 2,000 would fold connectors away
+            cardinality_limits=limits,
         )
         return self._reader
 

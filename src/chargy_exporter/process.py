@@ -1,12 +1,16 @@
 """The exporter's own process: memory, CPU, file descriptors, start time. At /metrics under prometheus_client's process
 collector names (`process_resident_memory_bytes`...), read afresh for every scrape (a few /proc reads, some 1 KB of
-text); over OTLP as instruments named by the OpenTelemetry semantic conventions (`process.memory.usage`...)."""
+text); over OTLP as instruments named by the OpenTelemetry semantic conventions (`process.memory.usage`...). And how
+the process gives memory back: glibc's allocator tuned at start, freed memory released after each refresh and export."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -14,6 +18,29 @@ from prometheus_client.exposition import generate_latest as text_generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate_latest
 from prometheus_client.process_collector import ProcessCollector
+
+
+def tune_malloc(environ: Mapping[str, str]) -> None:
+    """glibc's allocator (mallopt(3)), before any thread starts: one arena for all threads, and blocks of 128 KiB or
+    more always mapped, so that a refresh's large buffers go back to the system (~4 MB less resident). The user's
+    MALLOC_* variables win; another C library has no mallopt and keeps its ways."""
+    with contextlib.suppress(OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt
+        for parameter, value, variable in ((-8, 1, "MALLOC_ARENA_MAX"), (-3, 128 * 1024, "MALLOC_MMAP_THRESHOLD_")):
+            if variable not in environ:
+                mallopt(parameter, value)  # M_ARENA_MAX, M_MMAP_THRESHOLD
+
+
+def release_memory() -> None:
+    """After a refresh or an OTLP export, each of which frees some 100,000 short-lived objects. A full collection
+    empties the interpreter's free lists, whose tuples and dicts would each keep a 1 MiB allocator arena; then
+    malloc_trim(3) gives glibc's free heap pages back, which the encoders' small blocks leave scattered (measured:
+    ~10 MB after 20 OTLP exports of today's network without it, nothing with it). Elsewhere than glibc: the
+    collection only."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
 
 # Not registered anywhere: read on demand. Reads /proc/self; elsewhere (macOS) it yields nothing, and so do we.
 COLLECTOR: Final = ProcessCollector(registry=None)

@@ -6,7 +6,6 @@ each encoded at most once per rendering, with its canonical Content-Type); a bou
 from __future__ import annotations
 
 import gzip
-import io
 import re
 import struct
 import threading
@@ -18,7 +17,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics.export import CardinalityLimits
+from opentelemetry.sdk.metrics.export import CardinalityLimits, MetricsData
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest as text_generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_generate_latest
@@ -178,17 +177,33 @@ class _Rendering:
         return b"".join(kept)
 
 
+class _Reader(PrometheusMetricReader):
+    """A Prometheus reader that also keeps the data it collected, for the pipeline's long-lived OTLP readers: one
+    collection serves both outputs. `_receive_metrics` is how the SDK's MetricReader hands every reader its collection
+    (abstract there, the reader's one extension point; tests/test_metrics.py fails if it stops being called)."""
+
+    received: MetricsData | None = None
+
+    def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
+        self.received = metrics_data
+        super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+
+
 def _encoded(pipeline: MetricsPipeline, formats: Iterable[Format]) -> list[bytes]:
-    """The published state in each format, from one collection through a reader attached for it only: its storage
-    of every series goes with it."""
+    """The published state in each format, from one collection through readers attached for it only: their storage
+    of every series goes with them."""
     registry = CollectorRegistry(auto_describe=False)
 
-    def make_reader(limits: CardinalityLimits) -> PrometheusMetricReader:
-        # No otel_scope_* labels: the series' labels are exactly the documented contract.
-        return PrometheusMetricReader(scope_info_enabled=False, registry=registry, cardinality_limits=limits)
+    def make_reader(limits: CardinalityLimits, network: bool) -> _Reader:
+        # No otel_scope_* labels: the series' labels are exactly the documented contract. One target_info.
+        return _Reader(not network, scope_info_enabled=False, registry=registry, cardinality_limits=limits)
 
-    with pipeline.attached(make_reader):
+    with pipeline.attached(make_reader) as (network, _):
         families = list(registry.collect())
+        # Taken from the reader: it lingers in a reference cycle (with its collector) until the GC's next full pass.
+        received, network.received = network.received, None
+        if received is not None:
+            pipeline.keep_network(received)
     return [fmt.encode(SimpleNamespace(collect=lambda: families)) for fmt in formats]
 
 
@@ -284,13 +299,7 @@ class PrometheusEndpoint:
         elif path != "/healthz":
             status, body = "404 Not Found", b"not found\n"
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
-        if method == "HEAD":
-            return []
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if file_wrapper is not None and len(body) > 65536:
-            # PEP 3333's file wrapper: waitress sends the kept bytes, not a copy per scrape (a temp file past 1 MB).
-            return file_wrapper(io.BytesIO(body))  # type: ignore[no-any-return]
-        return [body]
+        return [] if method == "HEAD" else [body]  # server.py writes the kept bytes in slices, never a copy
 
     def serve(
         self, host: str, port: int, idle_timeout: float = IDLE_TIMEOUT, web_config: WebConfig | None = None

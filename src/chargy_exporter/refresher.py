@@ -4,7 +4,6 @@ interval (exponential backoff with jitter, capped by the interval)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 import threading
@@ -13,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Final
 
+from . import process
 from .config import Config
 from .feed import FeedClient, FeedError, Validators
 from .kml import KmlError, parse_kml
@@ -69,9 +69,7 @@ class Refresher:
             except Exception:  # publishing failed (an output's hook): keep refreshing all the same
                 log.exception("publishing the refreshed data failed")
                 delay = self.retry_delay(1)
-            # A full collection also empties the interpreter's free lists, which keep thousands of the refresh's
-            # tuples and dicts, each holding a 1 MiB allocator arena: without it the process keeps several MB more.
-            gc.collect()
+            process.release_memory()
             self._wake.wait(max(0.0, delay - (time.monotonic() - started)))
             self._wake.clear()
 

@@ -63,7 +63,8 @@ class _Protocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self.readable.set()
-        return True  # half-closed: a request already sent still gets its answer
+        # Half-closed: a request already sent still gets its answer. TLS has no half-close (asyncio warns on True).
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
@@ -275,6 +276,8 @@ class MetricsServer:
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             call, future = job
+            if not future.set_running_or_notify_cancel():
+                continue  # its connection went before a worker took it; once running, it can no longer be cancelled
             try:
                 future.set_result(call())
             except BaseException as error:  # handed to the connection

@@ -19,9 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import bcrypt
-import yaml
-
 log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES: Final = 1024 * 1024
@@ -142,6 +139,8 @@ class BasicAuth:
             return True
         if not self._bcrypt.acquire(blocking=False):
             return None
+        import bcrypt  # loaded by load_web_config already: see there
+
         try:
             ok = bcrypt.checkpw(password.encode(), self._users.get(user, _DUMMY_HASH)) and user in self._users
         finally:
@@ -204,6 +203,10 @@ def _text(section: dict[str, Any], key: str, where: str, allowed: Iterable[str] 
 
 def load_web_config(text: str) -> WebConfig:
     """The file at `text`, checked: every key known, every file readable, the certificate and key a pair."""
+    # Imported here, only when a web configuration is given: ~1.3 MB resident for everyone else.
+    import bcrypt  # noqa: F401
+    import yaml
+
     path = Path(text.strip())
     try:
         with path.open("rb") as file:
