@@ -6,7 +6,8 @@ For each size (--scales, in live feeds: 523 stations and 1,801 connectors each, 
 coming and going while the size stays the same. Each build, started afresh, refreshes every second (its smallest
 interval) and, for the push rows, pushes every second to a receiver here that reads and discards each export (gRPC
 or OTLP/HTTP); after each refresh one Prometheus-style scrape (OpenMetrics, gzip). RSS is read from /proc after the
-first refresh, after --refreshes and, with --soak N, after N; CPU per refresh over the first --refreshes.
+first refresh, after --refreshes and, with --soak N, after N (this build only; each the median of the five refreshes
+up to it), and its peak; CPU per refresh over the first --refreshes.
 
     python benchmarks/push_benchmark.py [--scales 1 10] [--refreshes 30] [--soak 500] [--compare-with OLD-EXPORTER]
 
@@ -16,6 +17,7 @@ Needs the package installed (`pip install .`: grpcio and the OTLP protobufs come
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,7 +128,8 @@ class DiscardingHttpReceiver:
 @dataclass
 class Run:
     rss_first: float  # MB, after the first refresh
-    rss: dict[int, float]  # MB, after that many refreshes
+    rss: dict[int, float]  # MB, after that many refreshes (the median of the five up to it)
+    peak: float  # MB, the process' highest RSS (VmHWM)
     cpu_per_refresh: float  # seconds
     exports: int | None  # that the receiver took; None without push
 
@@ -164,7 +167,7 @@ def run(
         urllib.request.urlopen(request, timeout=120).read()
 
     try:
-        rss: dict[int, float] = {}
+        samples: list[float] = []  # MB, after each refresh
         rss_first = cpu_started = cpu_per_refresh = 0.0
         for refreshes in range(1, max(marks) + 1):
 
@@ -178,9 +181,12 @@ def run(
                 rss_first, cpu_started = memory_kb(process.pid)["VmRSS"] / 1024, cpu_seconds(process.pid)
             if refreshes == marks[0]:
                 cpu_per_refresh = (cpu_seconds(process.pid) - cpu_started) / (marks[0] - 1)
-            if refreshes in marks:
-                rss[refreshes] = memory_kb(process.pid)["VmRSS"] / 1024
-        return Run(rss_first, rss, cpu_per_refresh, receiver.exports if receiver else None)
+            samples.append(memory_kb(process.pid)["VmRSS"] / 1024)
+        # The median of the five refreshes up to each mark: an export in flight when RSS is read adds its working
+        # memory (up to ~10 MB at today's size), which one sample would take for the level.
+        rss = {mark: statistics.median(samples[max(0, mark - 5) : mark]) for mark in marks}
+        peak = memory_kb(process.pid)["VmHWM"] / 1024
+        return Run(rss_first, rss, peak, cpu_per_refresh, receiver.exports if receiver else None)
     finally:
         process.terminate()
         process.wait()
@@ -206,8 +212,10 @@ def main() -> None:
     rows = []
     for scale in args.scales:
         first = generate_feed(stations=LIVE_STATIONS * scale, seed=1)
-        marks = [args.refreshes] + ([args.soak] if args.soak > args.refreshes and scale == 1 else [])
         for name, command in builds:
+            # The soak for this build only: the previous build's growth shows within --refreshes.
+            soaking = args.soak > args.refreshes and scale == 1 and name == "this build"
+            marks = [args.refreshes, args.soak] if soaking else [args.refreshes]
             for push in (None, "grpc", "http/protobuf") if name == "this build" else (None, "grpc"):
                 with tempfile.TemporaryDirectory() as scratch, open(Path(scratch) / "log", "wb") as log:
                     started = time.monotonic()
@@ -218,13 +226,13 @@ def main() -> None:
                 rows.append((len(first.connectors), name, shown, result))
     soak = f" | after {args.soak}" if args.soak > args.refreshes else ""
     head = f"| connectors | build | output | RSS after the first refresh | after {args.refreshes}{soak}"
-    print(f"{head} | CPU per refresh |")
-    print("|---:|---|---|---:|---:|" + ("---:|" if soak else "") + "---:|")
+    print(f"{head} | peak | CPU per refresh |")
+    print("|---:|---|---|---:|---:|" + ("---:|" if soak else "") + "---:|---:|")
     for connectors, name, shown, result in rows:
         cells = [f"{result.rss_first:.1f} MB", f"{result.rss[args.refreshes]:.1f} MB"]
         if soak:
             cells.append(f"{result.rss[args.soak]:.1f} MB" if args.soak in result.rss else "–")
-        cells.append(f"{result.cpu_per_refresh * 1000:.0f} ms")
+        cells += [f"{result.peak:.1f} MB", f"{result.cpu_per_refresh * 1000:.0f} ms"]
         print(f"| {connectors:,} | {name} | {shown} | " + " | ".join(cells) + " |")
 
 

@@ -59,7 +59,7 @@ config = load_config(sys.argv[1:])
 Refresher(config, FeedClient(config), pipeline.publish).refresh_once()
 # Readers sized for the state just published, attached for as long as the process serves.
 with pipeline.attached(lambda limits, network: PrometheusMetricReader(
-    not network, scope_info_enabled=False, registry=registry, cardinality_limits=limits
+    disable_target_info=not network, scope_info_enabled=False, registry=registry, cardinality_limits=limits
 )):
     start_http_server(config.port, addr="127.0.0.1", registry=registry)
     threading.Event().wait()

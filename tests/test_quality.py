@@ -33,15 +33,18 @@ def test_mypy_strict_passes_on_the_benchmarks():
 
 
 PACKAGE = ROOT / "src" / "chargy_exporter"
-# The package's size before the metrics pipeline was rebuilt on the SDK's public API (1.0.0, commit 400cfc2).
-# Raised by 580 for issue 16: our HTTP server (server.py, which replaced waitress: head deadline, eviction per
-# address, TLS) and exporter-toolkit's web configuration (webconfig.py: TLS settings, rotation, basic auth).
-LINES_BEFORE_THE_REBUILD = 2164 + 580
+# The package's size before the metrics pipeline was rebuilt on the SDK's public API (1.0.0, commit 400cfc2: 2,164
+# lines), and what each feature since brought: 580 for issue 16 (server.py, which replaced waitress: head deadline,
+# eviction per address, TLS; webconfig.py: exporter-toolkit's web configuration), 300 for issue 15 (demo.py: the
+# living demo network; process.py: the process' own metrics), 140 for issue 14 (the network's instruments on a
+# provider of their own, collected once per refresh for both outputs and added to every OTLP export; memory given
+# back after each export). A new feature states its lines here; anything else must fit.
+LINES_BUDGET = 2164 + 580 + 300 + 140
 
 
-def test_the_package_is_smaller_than_before_the_pipeline_was_rebuilt():
+def test_the_package_stays_within_its_budget():
     lines = sum(len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py"))
-    assert lines < LINES_BEFORE_THE_REBUILD, f"{lines} lines in src/chargy_exporter"
+    assert lines <= LINES_BUDGET, f"{lines} lines in src/chargy_exporter"
 
 
 def test_no_module_imports_one_that_imports_it_back():

@@ -196,7 +196,9 @@ def _encoded(pipeline: MetricsPipeline, formats: Iterable[Format]) -> list[bytes
 
     def make_reader(limits: CardinalityLimits, network: bool) -> _Reader:
         # No otel_scope_* labels: the series' labels are exactly the documented contract. One target_info.
-        return _Reader(not network, scope_info_enabled=False, registry=registry, cardinality_limits=limits)
+        return _Reader(
+            disable_target_info=not network, scope_info_enabled=False, registry=registry, cardinality_limits=limits
+        )
 
     with pipeline.attached(make_reader) as (network, _):
         families = list(registry.collect())
