@@ -600,7 +600,7 @@ def test_every_export_is_exactly_the_current_network_at_the_exports_time(
     first = generate_feed(connectors=300, seed=21)
     second = evolve(first, seed=22, state_changes=0.5, removed=0.2, added_stations=15)
     receiver: GrpcReceiver | HttpReceiver = GrpcReceiver() if protocol == "grpc" else HttpReceiver()
-    log = ExportLog("chargy_connector_state", "chargy_connector_detailed_state_info")
+    log = ExportLog("chargy_connector_state", "chargy_connector_detailed_state_info", "chargy_feed_up")
     receiver.sink = log
     expected = {feed.seed: expected_points(feed) for feed in (first, second)}
 
@@ -625,8 +625,10 @@ def test_every_export_is_exactly_the_current_network_at_the_exports_time(
     finally:
         receiver.close()
     state_exports = log.exports("chargy_connector_state")
-    # Every export was one feed or the other, whole: none mixed the two, none kept a connector gone.
+    # Every export was one feed or the other, whole: none mixed the two, none kept a connector gone, none went
+    # without the network (each export has one chargy_feed_up point, and fits in one request).
     assert sorted(state_exports) == sorted([*exports_of(first), *exports_of(second)])
+    assert len(log.exports("chargy_feed_up")) == len(state_exports)
     assert max(exports_of(first)) < min(exports_of(second))
     assert min(exports_of(second)) > changed_at
     # The same data exported again carries the new export's time, never a repeated one.

@@ -145,6 +145,7 @@ class MetricsPipeline:
         self._lock = threading.RLock()
         self._state = State()
         self._network_data: MetricsData | None = None  # the network's points of the last collection, for `readers`
+        self._kept_since_publish = False
         self._network = self._provider(resource, _NETWORK, ())
         self._self = self._provider(resource, _SELF, instruments)
         self._pushed: MeterProvider | None = None
@@ -153,7 +154,7 @@ class MetricsPipeline:
             self._pushed = self._provider(resource, _SELF, [*instruments, *reader_instruments])
             for factory in readers:
                 self._pushed.add_metric_reader(factory(_limits(0)))
-        self.notify()  # outputs show feed_up 0 and no connector data until the first refresh
+        self.publish(self._state)  # outputs show feed_up 0 and no connector data until the first refresh
 
     def _provider(self, resource: Resource, made: Iterable[Instrument], more: Iterable[Register]) -> MeterProvider:
         provider = MeterProvider(
@@ -197,11 +198,11 @@ class MetricsPipeline:
                 self._network.remove_metric_reader(network)  # also shuts the reader down
                 self._self.remove_metric_reader(status)
 
-    def keep_network(self, collected: MetricsData) -> None:
+    def keep_network(self, collected: MetricsData | None) -> None:
         """What a collection through `attached` gave of the network: the long-lived readers' exports send it until
         the next publish (nothing is kept without them)."""
-        if self._pushed is not None:
-            self._network_data = collected
+        if self._pushed is not None and collected is not None:
+            self._network_data, self._kept_since_publish = collected, True
 
     def kept_network(self) -> MetricsData | None:
         """The network's data points of the published state (None: no long-lived reader, or not collected yet)."""
@@ -211,12 +212,12 @@ class MetricsPipeline:
         """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up, and collect
         the network for the long-lived readers if no output did."""
         with self._lock:
-            self._state = state
-            self._network_data = None
+            self._state, self._kept_since_publish = state, False
             self.notify()
-            if self._pushed is not None and self._network_data is None:
+            # Until the new data is kept, an export sends the previous network: never one without it.
+            if self._pushed is not None and not self._kept_since_publish:
                 with self.attached(lambda limits, _network: InMemoryMetricReader(cardinality_limits=limits)) as readers:
-                    self._network_data = readers[0].get_metrics_data()
+                    self.keep_network(readers[0].get_metrics_data())
 
     def notify(self) -> None:
         """Run the published hooks, also after a self-metric changed outside a refresh (an OTLP export failed). Never

@@ -204,8 +204,7 @@ def _encoded(pipeline: MetricsPipeline, formats: Iterable[Format]) -> list[bytes
         families = list(registry.collect())
         # Taken from the reader: it lingers in a reference cycle (with its collector) until the GC's next full pass.
         received, network.received = network.received, None
-        if received is not None:
-            pipeline.keep_network(received)
+        pipeline.keep_network(received)
     return [fmt.encode(SimpleNamespace(collect=lambda: families)) for fmt in formats]
 
 
