@@ -133,7 +133,7 @@ def test_concurrent_scrapes_see_the_old_or_the_new_snapshot_never_a_mix():
         thread.start()
     # Publish the two snapshots in turn, scrapes running all along; after each publish, until every scraper has begun
     # (and so finished) a scrape after it: each then sees both snapshots, whatever the threads' timing.
-    for publishes in range(10):
+    for publishes in range(6):
         pipeline.publish(State(snapshots[publishes % 2], FeedStatus(up=True)))
         done = list(scrapes)
         wait_until(lambda done=done: all(now >= then + 2 for now, then in zip(scrapes, done, strict=True)), 60,

@@ -87,6 +87,7 @@ def basic(user: str, password: str) -> dict[str, str]:
 # ---- one client cannot keep scrapers out -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~20 s: CI's slow step runs it
 def test_thousands_of_trickling_connections_from_one_address_do_not_keep_scrapers_out():
     """The issue's attack: from 127.0.0.2, 2,200 connections each sending a request line, then a header line every
     3 s, reconnecting when closed; meanwhile every scrape from 127.0.0.1 is answered within 2 s."""
