@@ -326,7 +326,7 @@ def build_parser() -> _Parser:
     option("--otlp-export-interval", "OTEL_METRIC_EXPORT_INTERVAL", _number(100, 86_400_000, ms), "MS",
            "milliseconds between OTLP pushes")  # fmt: skip
     option("--otlp-export-timeout", "OTEL_METRIC_EXPORT_TIMEOUT", _number(100, 3_600_000, ms), "MS",
-           "milliseconds one collection and push may take (100,000 connectors take seconds)")  # fmt: skip
+           "milliseconds one export may take (100,000 connectors take seconds to encode)")  # fmt: skip
     option("--web-config-file", "CHARGY_WEB_CONFIG_FILE", _web_config, "FILE",
            "exporter-toolkit web configuration (as node_exporter's --web.config.file): TLS, client certificates, "
            "basic auth", "--web.config.file")  # fmt: skip
