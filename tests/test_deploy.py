@@ -215,6 +215,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheels[0]
 
 
+@pytest.mark.slow  # builds a wheel: ~10 s
 def test_wheel_from_the_build_context_holds_the_cli_and_the_demo_feed(wheel: Path, console_scripts: dict) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -590,6 +591,7 @@ def test_the_exporter_serves_what_the_override_mounts_as_prometheus_and_the_heal
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a real Prometheus: ~6 s
 def test_real_prometheus_scrapes_with_the_chargy_job_as_shipped_and_the_files_the_override_mounts(
     user_made: Path, exporter_process: Callable[..., ExporterProcess], compose: dict[str, Any], override: dict[str, Any]
 ) -> None:

@@ -110,6 +110,7 @@ def close_all(sockets: list[socket.socket]) -> None:
         sock.close()
 
 
+@pytest.mark.slow  # ~3.5 s each
 @pytest.mark.parametrize(
     "first_bytes", [b"", b"GET /metrics HTTP/1.1\r\nHost: x\r\n"], ids=["idle", "headers-never-finished"]
 )

@@ -217,6 +217,7 @@ def test_a_certificate_replaced_on_disk_is_served_without_restart(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a real Prometheus: ~6 s
 def test_prometheus_scrapes_over_tls_with_basic_auth_and_the_healthcheck_still_works(tmp_path, feed_server):
     prometheus = require_binary("prometheus")
     ca = Authority(tmp_path)
