@@ -787,7 +787,9 @@ def snapshot_of(feed: GeneratedFeed) -> Any:
     )
 
 
-PUSH_RSS_BOUND_KIB = 80 * 1024  # tests/test_e2e.py's 60 MiB for Prometheus alone, plus gRPC's ~17 MB and the network
+# The level: ~72 MiB in the benchmark, ~81 MiB with exports every 200 ms on a busy CI machine; the previous design
+# passed 120 MiB within 30 such refreshes, and kept growing.
+PUSH_RSS_BOUND_KIB = 100 * 1024
 PUSH_RSS_GROWTH_KIB = 8 * 1024
 
 

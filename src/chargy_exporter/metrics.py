@@ -21,7 +21,7 @@ from opentelemetry.sdk.metrics import (
     ObservableCounter,
     ObservableGauge,
 )
-from opentelemetry.sdk.metrics.export import CardinalityLimits, InMemoryMetricReader, MetricReader, MetricsData
+from opentelemetry.sdk.metrics.export import CardinalityLimits, MetricReader, MetricsData
 from opentelemetry.sdk.metrics.view import LastValueAggregation, SumAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.util.types import Attributes
@@ -36,6 +36,8 @@ R = TypeVar("R", bound=MetricReader)
 
 # Room above the series a collection holds (self-metrics, a few stations more than connectors...).
 _SLACK: Final = 1024
+# A collection reads memory only; the SDK's default guard of 10 s is less than 170,000 connectors take.
+COLLECTION_TIMEOUT_MS: Final = 300_000
 
 
 def _labelled(snapshot: Snapshot) -> Iterator[tuple[dict[str, str], Connector]]:
@@ -216,8 +218,9 @@ class MetricsPipeline:
             self.notify()
             # Until the new data is kept, an export sends the previous network: never one without it.
             if self._pushed is not None and not self._kept_since_publish:
-                with self.attached(lambda limits, _network: InMemoryMetricReader(cardinality_limits=limits)) as readers:
-                    self.keep_network(readers[0].get_metrics_data())
+                with self.attached(lambda limits, _network: _Collection(limits)) as (network, _):
+                    network.collect(timeout_millis=COLLECTION_TIMEOUT_MS)
+                    self.keep_network(network.collected)
 
     def notify(self) -> None:
         """Run the published hooks, also after a self-metric changed outside a refresh (an OTLP export failed). Never
@@ -242,3 +245,19 @@ class MetricsPipeline:
     def _callback(self, observe: Observe) -> Callable[[CallbackOptions], Iterable[Observation]]:
         # Reads the state once: a collection on another thread (OTLP) sees one snapshot per instrument.
         return lambda _options: observe(self._state)
+
+
+class _Collection(MetricReader):
+    """A reader for one collection, keeping it. MetricReader hands every reader its collection through
+    `_receive_metrics`; the SDK's InMemoryMetricReader does the same but collects with the default timeout."""
+
+    collected: MetricsData | None = None
+
+    def __init__(self, limits: CardinalityLimits) -> None:
+        super().__init__(cardinality_limits=limits)
+
+    def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
+        self.collected = metrics_data
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
