@@ -114,7 +114,8 @@ class MetricsServer:
         self.scheme = "https" if tls else "http"
         self._app, self._idle_timeout, self._tls = app, idle_timeout, tls
         self._limit = connection_limit()
-        self._by_address: dict[str, dict[asyncio.Task[None], None]] = {}  # each address' connections, oldest first
+        # Each address' connections (task and socket), oldest first.
+        self._by_address: dict[str, dict[asyncio.Task[None], socket.socket]] = {}
         self._count = 0
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Response], Future[Response]] | None] = queue.SimpleQueue()
         self._workers = [threading.Thread(target=self._work, name=f"metrics-worker-{n}", daemon=True)
@@ -157,6 +158,8 @@ class MetricsServer:
         for task in connections:
             task.cancel()
         await asyncio.gather(accepting, *connections, return_exceptions=True)
+        for sock in [sock for socks in self._by_address.values() for sock in socks.values()]:
+            sock.close()  # a task cancelled before it ran never reached its `finally`
         await loop.shutdown_asyncgens()
 
     async def _accept(self) -> None:
@@ -172,7 +175,7 @@ class MetricsServer:
                 self._evict()
             address = str(peer[0])
             task = loop.create_task(self._connection(sock, address))
-            self._by_address.setdefault(address, {})[task] = None
+            self._by_address.setdefault(address, {})[task] = sock
             self._count += 1
 
     def _evict(self) -> None:
