@@ -179,11 +179,8 @@ def test_before_the_first_refresh_there_is_no_connector_data_and_feed_up_is_0():
     pipeline.shutdown()
 
 
-def data_points(data, name: str) -> list:  # type: ignore[no-untyped-def]
-    return [
-        p for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
-        if m.name == name for p in m.data.data_points
-    ]  # fmt: skip
+def points_of(metrics, name: str) -> list:  # type: ignore[no-untyped-def]
+    return [p for m in metrics if m.name == name for p in m.data.data_points]
 
 
 def test_long_lived_readers_read_the_self_metrics_and_get_exactly_the_current_network_kept():
@@ -205,8 +202,9 @@ def test_long_lived_readers_read_the_self_metrics_and_get_exactly_the_current_ne
         read = readers[0].get_metrics_data()
         names = {m.name for rm in read.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
         assert "chargy_feed_up" in names and not names & {"chargy_connector_state", "chargy_station_info"}
-        kept = pipeline.kept_network()
-        points = data_points(kept, "chargy_connector_state")
+        kept = pipeline.network_at(7)
+        points = points_of(kept, "chargy_connector_state")
+        assert {p.time_unix_nano for p in points} == {7}
         got = {(p.attributes["connector"], p.attributes["chargy_connector_state"]): p.value for p in points}
         assert len(points) == len(got) == 3 * len(feed.connectors)
         assert got == {
@@ -214,7 +212,7 @@ def test_long_lived_readers_read_the_self_metrics_and_get_exactly_the_current_ne
             for c in feed.connectors
             for state in ("available", "charging", "unavailable")
         }
-        assert len(data_points(kept, "chargy_connector_detailed_state_info")) == len(feed.connectors)
+        assert len(points_of(kept, "chargy_connector_detailed_state_info")) == len(feed.connectors)
     pipeline.shutdown()
 
 
@@ -239,7 +237,7 @@ def test_one_collection_per_publish_serves_prometheus_and_the_kept_network():
         patch.setattr(MetricsPipeline, "attached", counted)
         pipeline.publish(State(parse_kml(feed.kml), FeedStatus(up=True)))
     assert len(collections) == 1
-    assert len(data_points(pipeline.kept_network(), "chargy_connector_state")) == 3 * len(feed.connectors)
+    assert len(points_of(pipeline.network_at(0), "chargy_connector_state")) == 3 * len(feed.connectors)
     assert_matches_feed(scrape(endpoint), feed)
     pipeline.shutdown()
 
@@ -248,5 +246,5 @@ def test_nothing_is_kept_without_a_long_lived_reader():
     pipeline, endpoint = make_pipeline()
     scrape(endpoint)
     publish(pipeline, generate_feed(connectors=100, seed=4))
-    assert pipeline.kept_network() is None
+    assert pipeline.network_at(0) is None
     pipeline.shutdown()

@@ -468,7 +468,7 @@ def test_an_exporter_that_raises_is_a_failed_export() -> None:
         pass
 
     reports: list[tuple[bool, str]] = []
-    exporter = WatchedBroken(lambda ok, detail: reports.append((ok, detail)), None, lambda: None)
+    exporter = WatchedBroken(lambda ok, detail: reports.append((ok, detail)), None, lambda _now: None)
     assert exporter.export(MetricsData(resource_metrics=[])) is MetricExportResult.FAILURE
     assert reports == [(False, "RuntimeError: cannot encode this")]
 

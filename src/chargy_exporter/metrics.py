@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Final, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -21,10 +22,17 @@ from opentelemetry.sdk.metrics import (
     ObservableCounter,
     ObservableGauge,
 )
-from opentelemetry.sdk.metrics.export import CardinalityLimits, MetricReader, MetricsData
+from opentelemetry.sdk.metrics.export import (
+    CardinalityLimits,
+    Gauge,
+    Metric,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+)
 from opentelemetry.sdk.metrics.view import LastValueAggregation, SumAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.util.types import Attributes
+from opentelemetry.util.types import Attributes, AttributeValue
 
 from . import __version__
 from .model import REFRESH_ERROR_REASONS, SIMPLIFIED_STATES, SKIP_REASONS, Connector, Snapshot, State
@@ -33,6 +41,9 @@ ReaderFactory = Callable[[CardinalityLimits], MetricReader]
 Observe = Callable[[State], Iterable[Observation]]
 Register = Callable[[Meter], None]
 R = TypeVar("R", bound=MetricReader)
+# A network metric's points kept for the exports: by their label names, each point as (label values, value), all a
+# gauge point has (the network's instruments are gauges). For today's network 1.4 MB, against 3.1 MB as SDK points.
+Points = dict[tuple[str, ...], list[tuple[tuple[AttributeValue, ...], float]]]
 
 # Room above the series a collection holds (self-metrics, a few stations more than connectors...).
 _SLACK: Final = 1024
@@ -122,6 +133,36 @@ class _NoExemplars(ExemplarReservoir):
         return []
 
 
+class _StampedPoints(Sequence[NumberDataPoint]):
+    """A kept metric's points as an export reads them: each made, stamped `now`, when read. An export then holds the
+    request it encodes, never the whole network as SDK points (~28 MB at 10 times today's network)."""
+
+    def __init__(self, points: Points, now: int) -> None:
+        self._points, self._now = points, now
+
+    def __len__(self) -> int:
+        return sum(len(group) for group in self._points.values())
+
+    def __iter__(self) -> Iterator[NumberDataPoint]:
+        for names, group in self._points.items():
+            for values, value in group:
+                yield NumberDataPoint(dict(zip(names, values, strict=True)), 0, self._now, value)
+
+    def __getitem__(self, index: Any) -> Any:  # the SDK's exporters only iterate and count
+        return list(self)[index]
+
+
+def _kept(collected: MetricsData) -> list[tuple[Metric, Points]]:
+    kept: list[tuple[Metric, Points]] = []
+    for metric in (m for rm in collected.resource_metrics for sm in rm.scope_metrics for m in sm.metrics):
+        points: Points = {}
+        for point in metric.data.data_points:
+            labels = point.attributes or {}
+            points.setdefault(tuple(labels), []).append((tuple(labels.values()), point.value))  # type: ignore[union-attr]
+        kept.append((replace(metric, data=Gauge([])), points))
+    return kept
+
+
 def _limits(series: int) -> CardinalityLimits:
     return {ObservableGauge: series + _SLACK, ObservableCounter: series + _SLACK}
 
@@ -146,7 +187,8 @@ class MetricsPipeline:
         # Held by a publish and its renders, and by a collection through `attached`: neither sees a publish midway.
         self._lock = threading.RLock()
         self._state = State()
-        self._network_data: MetricsData | None = None  # the network's points of the last collection, for `readers`
+        # The network of the last collection, for `readers`.
+        self._network_data: list[tuple[Metric, Points]] | None = None
         self._kept_since_publish = False
         self._network = self._provider(resource, _NETWORK, ())
         self._self = self._provider(resource, _SELF, instruments)
@@ -204,11 +246,15 @@ class MetricsPipeline:
         """What a collection through `attached` gave of the network: the long-lived readers' exports send it until
         the next publish (nothing is kept without them)."""
         if self._pushed is not None and collected is not None:
-            self._network_data, self._kept_since_publish = collected, True
+            self._network_data, self._kept_since_publish = _kept(collected), True
 
-    def kept_network(self) -> MetricsData | None:
-        """The network's data points of the published state (None: no long-lived reader, or not collected yet)."""
-        return self._network_data
+    def network_at(self, now: int) -> list[Metric] | None:
+        """The network's metrics of the published state, every point stamped `now` (None: no long-lived reader, or
+        not collected yet)."""
+        kept = self._network_data
+        if kept is None:
+            return None
+        return [replace(metric, data=Gauge(_StampedPoints(points, now))) for metric, points in kept]
 
     def publish(self, state: State) -> None:
         """Make `state` the one every reader reports; then let the outputs (cached exposition) catch up, and collect

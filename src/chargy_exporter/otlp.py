@@ -1,7 +1,7 @@
 """OTLP push: the SDK's `PeriodicExportingMetricReader` over the SDK's OTLP exporter (gRPC or HTTP/protobuf),
 subclassed only to watch `export()`, so that what the exporter reads from the OTEL_* variables (the temporality
 preference included) is what the reader collects with. The reader collects the self-metrics only; each export adds
-the network's data points of the pipeline's last collection, stamped with the export's time (`with_network`), as the
+the network's metrics of the pipeline's last collection, stamped with the export's time (`with_network`), as the
 Prometheus endpoint serves the bodies of that collection. A failed export is counted and logged once, on one line."""
 
 from __future__ import annotations
@@ -43,24 +43,19 @@ SDK_EXPORTER_LOGGERS: Final = (
 NO_REASON: Final = "no reason given (the OTLP exporter's own messages are logged at DEBUG)"
 
 Report = Callable[[bool, str], None]  # (succeeded, what is known about a failure)
-Kept = Callable[[], MetricsData | None]  # the network's data points to send with each export
+# The network's metrics to send with each export, their points stamped with the given time: a backend drops a gauge
+# point whose timestamp it has seen as a duplicate, and marks a series not updated for 5 minutes stale.
+Kept = Callable[[int], list[Metric] | None]
 
 
-def _stamped(metric: Metric, now: int) -> Metric:
-    points = [replace(point, time_unix_nano=now) for point in metric.data.data_points]
-    return replace(metric, data=replace(metric.data, data_points=points))  # type: ignore[arg-type]
-
-
-def with_network(collected: MetricsData, network: MetricsData | None, now: int) -> MetricsData:
-    """The reader's collection (self-metrics) with the network's points, every one stamped `now`: a backend drops a
-    gauge point whose timestamp it has seen as a duplicate, and marks a series not updated for 5 minutes stale. Both
-    come from providers with one resource and one meter: the network joins the collection's one scope."""
+def with_network(collected: MetricsData, network: list[Metric] | None) -> MetricsData:
+    """The reader's collection (self-metrics) with the network's metrics. Both come from providers with one resource
+    and one meter: the network joins the collection's one scope."""
     if network is None or not collected.resource_metrics:
         return collected
-    stamped = [_stamped(m, now) for rm in network.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
     resource, *others = collected.resource_metrics
     scope, *more = resource.scope_metrics
-    merged = replace(resource, scope_metrics=[replace(scope, metrics=[*stamped, *scope.metrics]), *more])
+    merged = replace(resource, scope_metrics=[replace(scope, metrics=[*network, *scope.metrics]), *more])
     return MetricsData([merged, *others])
 
 
@@ -105,7 +100,7 @@ class _Watched(MetricExporter):
         try:
             # MetricExporter.export is abstract: the SDK exporter class after this one in the MRO implements it.
             result = super().export(  # type: ignore[safe-super]
-                with_network(metrics_data, self._kept(), time.time_ns()), timeout_millis=timeout, **kwargs
+                with_network(metrics_data, self._kept(time.time_ns())), timeout_millis=timeout, **kwargs
             )
         except Exception as error:  # the reader would log it with a traceback: one line instead
             message = " ".join(str(error).split())[:300]
@@ -123,7 +118,7 @@ class _Watched(MetricExporter):
 
 def make_sdk_exporter(settings: OtlpSettings, report: Report, kept: Kept) -> MetricExporter:
     """The SDK's OTLP exporter for `settings` (grpc is imported only here, for gRPC); `report` hears every outcome;
-    `kept()` gives the network's points each export adds."""
+    `kept(now)` gives the network's metrics each export adds, stamped `now`."""
     for name in SDK_EXPORTER_LOGGERS:
         logging.getLogger(name).addFilter(_lower_to_debug)  # added only if not there yet
     options = dict(endpoint=settings.endpoint, timeout=settings.timeout, max_export_batch_size=MAX_POINTS_PER_REQUEST)
@@ -156,15 +151,15 @@ class OtlpPush:
         self.errors = 0  # failed exports so far
         self._last_succeeded: bool | None = None  # None until the first export
         self._notify: Callable[[], None] | None = None
-        self._kept: Kept = lambda: None
+        self._kept: Kept = lambda _now: None
         self._reader: MetricReader | None = None
 
     def attach(self, pipeline: MetricsPipeline) -> None:
-        self._notify, self._kept = pipeline.notify, pipeline.kept_network
+        self._notify, self._kept = pipeline.notify, pipeline.network_at
 
     def make_reader(self, limits: CardinalityLimits) -> MetricReader:
         self._reader = PeriodicExportingMetricReader(
-            make_sdk_exporter(self.settings, self._exported, lambda: self._kept()),
+            make_sdk_exporter(self.settings, self._exported, lambda now: self._kept(now)),
             export_interval_millis=self.settings.export_interval * 1000,
             export_timeout_millis=self.settings.export_timeout * 1000,
             cardinality_limits=limits,
