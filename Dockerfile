@@ -20,7 +20,11 @@ RUN pip wheel --no-deps -w /dist .
 # ---- runtime stage: only the wheel and its dependencies ----------------------
 FROM python:3.11-slim
 
+# PYTHONMALLOC=malloc: the C library's allocator for Python's objects, whose freed memory process.py gives back after
+# each refresh and export. CPython's own keeps 1 MiB arenas that one live object pins: 11 MB less resident with today's
+# feed, 6-7 MB less with OTLP push, for 3-9% more CPU per refresh (README, Performance).
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONMALLOC=malloc \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

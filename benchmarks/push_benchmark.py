@@ -10,6 +10,7 @@ first refresh, after --refreshes and, with --soak N, after N (this build only; e
 up to it), and its peak; CPU per refresh over the first --refreshes.
 
     python benchmarks/push_benchmark.py [--scales 1 10] [--refreshes 30] [--soak 500] [--compare-with OLD-EXPORTER]
+                                        [--python-malloc]
 
 Needs the package installed (`pip install .`: grpcio and the OTLP protobufs come with it); Linux (/proc).
 """
@@ -17,6 +18,7 @@ Needs the package installed (`pip install .`: grpcio and the OTLP protobufs come
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -142,6 +144,7 @@ def run(
     push: str | None,
     log: IO[bytes],
     export_interval_ms: int = 1000,
+    environment: dict[str, str] | None = None,
 ) -> Run:
     network = ChurningFeed(first, churn)
     server = FeedServer(first.kml)
@@ -159,7 +162,7 @@ def run(
             "--otlp-export-interval",
             str(export_interval_ms),
         ]
-    process = subprocess.Popen(command, stdout=log, stderr=log)
+    process = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, **(environment or {})})
     url = f"http://127.0.0.1:{port}/metrics"
 
     def scrape() -> None:
@@ -205,21 +208,28 @@ def main() -> None:
         metavar="EXPORTER",
         help="another chargy-exporter executable (an older build in its own venv): its Prometheus-only and gRPC rows",
     )
+    parser.add_argument(
+        "--python-malloc",
+        action="store_true",
+        help="run this build with PYTHONMALLOC=malloc as well (how the image and the systemd unit run it)",
+    )
     args = parser.parse_args()
-    builds = [("this build", exporter_command())]
+    builds: list[tuple[str, list[str], dict[str, str]]] = [("this build", exporter_command(), {})]
+    if args.python_malloc:
+        builds.append(("this build, PYTHONMALLOC=malloc", exporter_command(), {"PYTHONMALLOC": "malloc"}))
     if args.compare_with:
-        builds.append(("previous build", [args.compare_with]))
+        builds.append(("previous build", [args.compare_with], {}))
     rows = []
     for scale in args.scales:
         first = generate_feed(stations=LIVE_STATIONS * scale, seed=1)
-        for name, command in builds:
+        for name, command, environment in builds:
             # The soak for this build only: the previous build's growth shows within --refreshes.
             soaking = args.soak > args.refreshes and scale == 1 and name == "this build"
             marks = [args.refreshes, args.soak] if soaking else [args.refreshes]
-            for push in (None, "grpc", "http/protobuf") if name == "this build" else (None, "grpc"):
+            for push in (None, "grpc", "http/protobuf") if name.startswith("this build") else (None, "grpc"):
                 with tempfile.TemporaryDirectory() as scratch, open(Path(scratch) / "log", "wb") as log:
                     started = time.monotonic()
-                    result = run(command, first, CHURNING_STATIONS * scale, marks, push, log)
+                    result = run(command, first, CHURNING_STATIONS * scale, marks, push, log, environment=environment)
                 shown = "Prometheus only" if push is None else f"with {push} push"
                 print(f"{len(first.connectors)} {name}, {shown}: {result} in {time.monotonic() - started:.0f} s",
                       file=sys.stderr)  # fmt: skip

@@ -78,5 +78,6 @@ def test_it_runs_the_pip_install_sandboxed_with_the_key_in_an_environment_file()
         "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "CapabilityBoundingSet": "",
     }  # fmt: skip
     assert {key: unit.get(key, [None])[-1] for key in expected} == expected
+    assert "PYTHONMALLOC=malloc" in unit["Environment"][-1].split()  # as the image: less memory (README)
     # Memory pressure before the kill: MemoryHigh below MemoryMax.
     assert int(unit["MemoryHigh"][-1].rstrip("M")) < int(unit["MemoryMax"][-1].rstrip("M"))

@@ -98,11 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline.shutdown()
         return 1
 
-    serving = (
-        f"{server.scheme}://{config.host}:{server.port}/metrics, "
-        f"feed {config.redacted_url} every {config.refresh_interval:g} s"
-    )
-    log.info("chargy-exporter %s serving %s", __version__, serving)
+    serving = f"{server.scheme}://{config.host}:{server.port}/metrics, feed {config.redacted_url}"
+    log.info("chargy-exporter %s serving %s every %g s", __version__, serving, config.refresh_interval)
     refresher.start()
     while (signum := signal.sigwait(handled)) == signal.SIGHUP:
         refresher.refresh_now()  # rather than at the end of the interval (also what the tests use instead of waiting)

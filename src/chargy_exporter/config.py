@@ -1,6 +1,5 @@
-"""Command-line flags and environment variables → one validated, immutable `Config`. Each option is declared once,
-in `build_parser`, with the environment variable(s) it falls back to; the flag wins. The SDK's OTLP exporter reads
-its other `OTEL_EXPORTER_OTLP_*` variables itself. The API key and OTLP header values are secrets."""
+"""Flags and environment variables → one validated, immutable `Config`. Each option is declared once, in
+`build_parser`, with the variable(s) it falls back to; the flag wins. The API key and OTLP header values are secrets."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from typing import Any, Final, NoReturn
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from . import __version__
-from .webconfig import WebConfig, WebConfigError, load_web_config
+from .webconfig import WebConfig, load_web_config
 
 PUBLIC_FEED_URL: Final = (
     "https://my.chargy.lu/b2bev-external-services/resources/kml?API-KEY=486ac6e4-93b8-4369-9c6a-28f7c4e1a81f"
@@ -249,13 +248,6 @@ def _otlp_endpoint(endpoint: str, protocol: str) -> str:
     return endpoint
 
 
-def _web_config(text: str) -> WebConfig:
-    try:
-        return load_web_config(text)
-    except WebConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, plus the environment variables of each option (read by `load_config`, the flag winning)."""
 
@@ -273,8 +265,7 @@ class _Parser(argparse.ArgumentParser):
     def option(
         self, flag: str, variables: str, convert: Callable[[str], Any] | None, metavar: str, text: str, *aliases: str
     ) -> None:
-        """`flag` (or an alias), else the first of `variables` set, else Config's default; without `convert`, a
-        switch."""
+        """`flag` (or an alias), else the first of `variables` set, else Config's default; no `convert`: a switch."""
         dest = flag.removeprefix("--").replace("-", "_")
         default = getattr(Config(), dest)
         if isinstance(default, float):
@@ -295,13 +286,8 @@ def build_parser() -> _Parser:
     option = parser.option
     seconds, ms = " seconds", " milliseconds"
     option("--kml-url", "KML_URL", _kml_url, "URL", "feed to read: http(s) URL, file:// URL or path")
-    option(
-        "--demo",
-        "CHARGY_DEMO",
-        None,
-        "",
-        "serve a made-up network of the live one's size whose states change (no internet needed)",
-    )
+    demo = "serve a made-up network of the live one's size whose states change (no internet needed)"
+    option("--demo", "CHARGY_DEMO", None, "", demo)
     option("--host", "OTEL_EXPORTER_PROMETHEUS_HOST", str.strip, "ADDR", "address of /metrics, / and /healthz")
     option("--port", "OTEL_EXPORTER_PROMETHEUS_PORT", _number(1, 65535, "", int), "PORT", "their port")
     option("--refresh-interval", "CHARGY_REFRESH_INTERVAL", _number(1, 86_400, seconds), "SECONDS",
@@ -311,8 +297,8 @@ def build_parser() -> _Parser:
     option("--max-feed-bytes", "CHARGY_MAX_FEED_BYTES", _number(1024, 1024**3, " bytes", _bytes), "BYTES",
            "largest feed accepted, decompressed (bytes, or with KiB/MiB/GiB)")  # fmt: skip
     option("--max-connectors", "CHARGY_MAX_CONNECTORS", _number(1, 1_000_000, " connectors", int), "N",
-           "largest number of connectors accepted (memory: ~3 KB each; ~5 KB with OTLP push, which keeps the "
-           "network's data points between exports)")  # fmt: skip
+           "largest number of connectors accepted (memory: ~5 KB each; ~11 KB with OTLP push exporting every "
+           "second)")  # fmt: skip
     levels = ("debug", "info", "warning", "error", "critical")
     option("--log-level", "CHARGY_LOG_LEVEL", _choice(*levels), "LEVEL", ", ".join(levels))
     option("--metrics-exporter", "OTEL_METRICS_EXPORTER", _choice("prometheus", "otlp", "none", many=True), "LIST",
@@ -327,7 +313,7 @@ def build_parser() -> _Parser:
            "milliseconds between OTLP pushes")  # fmt: skip
     option("--otlp-export-timeout", "OTEL_METRIC_EXPORT_TIMEOUT", _number(100, 3_600_000, ms), "MS",
            "milliseconds one export may take (100,000 connectors take seconds to encode)")  # fmt: skip
-    option("--web-config-file", "CHARGY_WEB_CONFIG_FILE", _web_config, "FILE",
+    option("--web-config-file", "CHARGY_WEB_CONFIG_FILE", load_web_config, "FILE",
            "exporter-toolkit web configuration (as node_exporter's --web.config.file): TLS, client certificates, "
            "basic auth", "--web.config.file")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -1,7 +1,6 @@
-"""`--demo`: a made-up network of the live feed's size and shape (shared facts: ~523 stations, 934 devices, ~1,800
-connectors, hubs of 34/28/27 devices, 22 and 22.08 kW AC, DC hubs, real state names, Luxembourg's towns), whose
-states move at each refresh like charging sessions starting and ending. Deterministic from `SEED` and the refresh
-number, no network. Each fetch writes a KML document, so the demo runs through the real parse path."""
+"""`--demo`: a made-up network of the live feed's size and shape (~523 stations, ~1,800 connectors, its speeds,
+real state names, Luxembourg's towns), whose states move at each refresh like charging sessions starting and ending.
+Deterministic from `SEED` and the refresh number, no network; each fetch writes a KML document for the real parser."""
 
 from __future__ import annotations
 
@@ -121,8 +120,7 @@ class DemoNetwork:
     def __init__(self, seed: int = SEED) -> None:
         rng = random.Random(seed)
         self.stations = _layout(rng)
-        names, weights = list(_START_WEIGHTS), list(_START_WEIGHTS.values())
-        self.states = [rng.choices(names, weights)[0] for _ in range(self.connectors)]
+        self.states = rng.choices(list(_START_WEIGHTS), list(_START_WEIGHTS.values()), k=self.connectors)
         self.refreshes = 0
         self._seed = seed
 

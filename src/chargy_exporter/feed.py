@@ -115,9 +115,8 @@ class FeedClient:
         self._session = requests.Session()
         user_agent = f"chargy-exporter/{__version__}"
         self._session.headers.update({"Accept": ACCEPT, "User-Agent": user_agent, "Accept-Encoding": "gzip"})
-        retry = _DeadlineRetry(
-            total=2, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), raise_on_status=False
-        )
+        retried = (429, 500, 502, 503, 504)
+        retry = _DeadlineRetry(total=2, backoff_factor=0.5, status_forcelist=retried, raise_on_status=False)
         adapter = HTTPAdapter(max_retries=retry)
         adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         self._session.mount("http://", adapter)
@@ -225,9 +224,8 @@ _REPR_PREFIX: Final = re.compile(r"^\w+\(host=[^)]*\):\s*")
 
 
 def plain_cause(error: BaseException) -> str:
-    """The most specific message of an error chain (requests wraps urllib3, which wraps the socket error), in
-    words ("Failed to establish a new connection: [Errno 111] Connection refused"), without the reprs of pools,
-    retries and URLs that requests and urllib3 pile up."""
+    """The most specific message of an error chain (requests wraps urllib3, which wraps the socket error), in words,
+    without the reprs of pools, retries and URLs that requests and urllib3 pile up."""
     text, seen = "", set[int]()
     link: BaseException | None = error
     while link is not None and id(link) not in seen:

@@ -173,9 +173,7 @@ def _coordinates(point: Any) -> tuple[float | None, float | None]:
         longitude, latitude = float(parts[0]), float(parts[1])
     except (IndexError, ValueError):
         return None, None
-    if -90 <= latitude <= 90 and -180 <= longitude <= 180:
-        return latitude, longitude
-    return None, None
+    return (latitude, longitude) if -90 <= latitude <= 90 and -180 <= longitude <= 180 else (None, None)
 
 
 def _text(node: Any) -> str:

@@ -1,9 +1,8 @@
-"""OpenTelemetry instruments over the published `State`. Callbacks turn the state into observations as a collection
-reads them (no I/O, nothing kept). The SDK keeps, per reader, every attribute set an asynchronous instrument ever
-reported, so the network's instruments are only ever read by readers made for one collection (`attached`), once per
-publish: Prometheus renders its bodies from that collection, and OTLP push sends the network's data points of it
-(`kept_network`) at every export until the next publish. Only the self-metrics (a few series each) are read by the
-long-lived OTLP reader, which keeps their delta/cumulative bookkeeping the SDK's own."""
+"""OpenTelemetry instruments over the published `State`: callbacks turn it into observations as a collection reads
+them (no I/O, nothing kept). The SDK keeps, per reader, every attribute set an asynchronous instrument ever reported,
+so the network's instruments are read only by readers made for one collection (`attached`), once per publish: the
+Prometheus bodies and the network OTLP push sends at every export (`network_at`) come from it. The long-lived OTLP
+reader reads the self-metrics only (a few series), keeping their delta/cumulative bookkeeping the SDK's own."""
 
 from __future__ import annotations
 

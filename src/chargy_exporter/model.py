@@ -95,8 +95,7 @@ class ConnectorRow:
 @dataclass(frozen=True, slots=True)
 class NetworkCounts:
     """The network at a glance: connectors by simplified state, and stations where none is available. Stations are
-    counted as the dashboard's PromQL does (`sum by (station)`): by name, among those listing a connector; the ones
-    listing none have no series and are counted apart."""
+    counted as the dashboard's PromQL does (`sum by (station)`): by name."""
 
     available: int = 0
     charging: int = 0
@@ -136,24 +135,15 @@ class Snapshot:
         per_station: dict[str, set[str]] = {}
         by_state: Counter[str] = Counter()
         for station in self.stations:
-            states = per_station.setdefault(station.name, set())
-            for device in station.devices:
-                for connector in device.connectors:
-                    states.add(connector.state)
-                    by_state[connector.state] += 1
+            states = [connector.state for device in station.devices for connector in device.connectors]
+            per_station.setdefault(station.name, set()).update(states)
+            by_state.update(states)
         listed = [states for states in per_station.values() if states]
         without_available = sum(1 for states in listed if AVAILABLE not in states)
+        unlisted = len(per_station) - len(listed)
         return NetworkCounts(
-            by_state[AVAILABLE],
-            by_state[CHARGING],
-            by_state[UNAVAILABLE],
-            len(listed),
-            without_available,
-            len(per_station) - len(listed),
+            by_state[AVAILABLE], by_state[CHARGING], by_state[UNAVAILABLE], len(listed), without_available, unlisted
         )
-
-
-EMPTY_SNAPSHOT: Final = Snapshot(stations=())
 
 
 @dataclass(frozen=True)
@@ -174,14 +164,13 @@ class FeedStatus:
 
 @dataclass(frozen=True)
 class State:
-    snapshot: Snapshot = EMPTY_SNAPSHOT
+    snapshot: Snapshot = Snapshot(stations=())
     status: FeedStatus = FeedStatus()
 
 
 def add_counts(total: Mapping[str, int], more: Mapping[str, int]) -> Mapping[str, int]:
     if not more:
         return total
-    merged = dict(total)
-    for reason, count in more.items():
-        merged[reason] = merged.get(reason, 0) + count
-    return MappingProxyType(merged)
+    merged = Counter(total)
+    merged.update(more)
+    return MappingProxyType(dict(merged))

@@ -77,14 +77,12 @@ def _network(counts: NetworkCounts, status: FeedStatus, has_data: bool, now: flo
     tiles = [(css, css, number, f"connectors {css}") for css, number in by_state]
     without = f"of {counts.stations:,} stations with no connector available"
     tiles.append(("stations", "stations-without-available", counts.stations_without_available, without))
-    bar = ""
-    if counts.connectors:
-        parts = "".join(
-            f'<span class="{css}" style="width:{100 * number / counts.connectors:.2f}%" title="{css}"></span>'
-            for css, number in by_state
-            if number
-        )
-        bar = f'<div class="bar" role="img" aria-label="connectors by state">{parts}</div>'
+    spans = "".join(  # none when there are no connectors
+        f'<span class="{css}" style="width:{100 * number / counts.connectors:.2f}%" title="{css}"></span>'
+        for css, number in by_state
+        if number
+    )
+    bar = f'<div class="bar" role="img" aria-label="connectors by state">{spans}</div>' if spans else ""
     tiles_html = "".join(
         f'<div class="tile {css}"><span class="n" id="{element_id}">{number:,}</span>'
         f'<span class="l">{escape(label)}</span></div>'
@@ -93,10 +91,8 @@ def _network(counts: NetworkCounts, status: FeedStatus, has_data: bool, now: flo
     as_of = f"{counts.connectors:,} connectors at {counts.stations:,} stations"
     if counts.stations_without_connectors:  # no series in /metrics, so neither in the dashboard's share
         listed = "lists" if counts.stations_without_connectors == 1 else "list"
-        as_of += (
-            f'; <span id="stations-without-connectors">{counts.stations_without_connectors:,}</span> '
-            f"more {listed} no connector"
-        )
+        number = f'<span id="stations-without-connectors">{counts.stations_without_connectors:,}</span>'
+        as_of += f"; {number} more {listed} no connector"
     stale = ""
     if status.last_success_time is not None:
         as_of += f", as of {_time(status.last_success_time, now)}"
@@ -128,10 +124,8 @@ def _feed(status: FeedStatus, has_data: bool, now: float) -> str:
         if status.last_error_message:
             last_error += f'<br><span class="note" id="last-error-message">{escape(status.last_error_message)}</span>'
 
-    when = status.next_refresh_time
-    if when is None:
-        next_refresh = "when the refresh under way ends"
-    else:
+    next_refresh = "when the refresh under way ends"
+    if (when := status.next_refresh_time) is not None:
         next_refresh = "under way" if when <= now else f"in {_duration(when - now)} ({_clock(when)})"
 
     last_success = "never" if status.last_success_time is None else _time(status.last_success_time, now)

@@ -33,10 +33,7 @@ class Refresher:
         publish: Callable[[State], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._config = config
-        self._client = client
-        self._publish = publish
-        self._clock = clock
+        self._config, self._client, self._publish, self._clock = config, client, publish, clock
         self._state = State()
         self._validators = Validators()
         self._stop = threading.Event()
@@ -91,9 +88,8 @@ class Refresher:
             log.warning("skipped feed records: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
         if not previous.up:
             counts = (len(snapshot.stations), snapshot.device_count, snapshot.connector_count)
-            log.info(
-                "feed refreshed: %d stations, %d devices, %d connectors from %s", *counts, self._config.redacted_url
-            )
+            url = self._config.redacted_url
+            log.info("feed refreshed: %d stations, %d devices, %d connectors from %s", *counts, url)
         delay, now = self._config.refresh_interval, self._clock()
         total = add_counts(previous.skipped, skipped)
         self._set(snapshot, started, now, delay, up=True, last_success_time=now, skipped=total, failures_in_a_row=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import io
 import logging
 import queue
 import resource
@@ -18,12 +18,14 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 import h11
+
+from .webconfig import WsgiApp
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ MAX_BODY: Final = 1024  # we take no request bodies (read and dropped up to this
 READ_BUFFER: Final = 65536  # bytes read ahead of the parser before reading pauses
 WRITE_CHUNK: Final = 65536  # a body is written in slices: no copy of a whole body per slow scraper
 
-WsgiApp = Callable[..., Iterable[bytes]]
 Response = tuple[int, list[tuple[str, str]], bytes]
 
 
@@ -96,12 +97,7 @@ class MetricsServer:
     certificate replaced on disk is served to the next one). `shutdown()` is the public stop."""
 
     def __init__(
-        self,
-        app: WsgiApp,
-        host: str,
-        port: int,
-        idle_timeout: float,
-        tls: Callable[[], ssl.SSLContext] | None = None,
+        self, app: WsgiApp, host: str, port: int, idle_timeout: float, tls: Callable[[], ssl.SSLContext] | None = None
     ) -> None:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, *_, address = addresses[0]
@@ -117,11 +113,11 @@ class MetricsServer:
         # Each address' connections (task and socket), oldest first.
         self._by_address: dict[str, dict[asyncio.Task[None], socket.socket]] = {}
         self._count = 0
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Response], Future[Response]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[dict[str, Any], Future[Response]] | None] = queue.SimpleQueue()
         self._workers = [threading.Thread(target=self._work, name=f"metrics-worker-{n}", daemon=True)
                          for n in range(THREADS)]  # fmt: skip
         self._loop = asyncio.new_event_loop()
-        self._stopping: asyncio.Future[None] = self._loop.create_future()
+        self._stopping = asyncio.Event()  # bound to the loop by _serve's wait
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),),
                                         name="metrics-http", daemon=True)  # fmt: skip
         for thread in [*self._workers, self._thread]:
@@ -129,13 +125,8 @@ class MetricsServer:
 
     def shutdown(self, timeout: float = 1.0) -> None:
         """Stop accepting, close every connection, end the loop and the workers, within about `timeout`."""
-
-        def stop() -> None:
-            if not self._stopping.done():
-                self._stopping.set_result(None)
-
         with contextlib.suppress(RuntimeError):  # the loop already ended
-            self._loop.call_soon_threadsafe(stop)
+            self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout)
         self._sock.close()
         for _ in self._workers:
@@ -146,21 +137,17 @@ class MetricsServer:
         if not self._thread.is_alive() and not any(worker.is_alive() for worker in self._workers):
             self._loop.close()  # else a worker still running would hand its answer to a closed loop
 
-    # ---- the event loop ----------------------------------------------------------------------------------------
-
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        accepting = loop.create_task(self._accept())
-        await self._stopping
-        accepting.cancel()
-        self._sock.close()
+        accepting = asyncio.create_task(self._accept())
+        await self._stopping.wait()
         connections = [task for tasks in self._by_address.values() for task in tasks]
-        for task in connections:
+        for task in [accepting, *connections]:
             task.cancel()
+        self._sock.close()
         await asyncio.gather(accepting, *connections, return_exceptions=True)
         for sock in [sock for socks in self._by_address.values() for sock in socks.values()]:
             sock.close()  # a task cancelled before it ran never reached its `finally`
-        await loop.shutdown_asyncgens()
+        await asyncio.get_running_loop().shutdown_asyncgens()
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -187,12 +174,11 @@ class MetricsServer:
         oldest.cancel()
 
     async def _connection(self, sock: socket.socket, address: str) -> None:
-        loop = asyncio.get_running_loop()
         transport: asyncio.Transport | None = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             context = self._tls() if self._tls else None
-            transport, protocol = await loop.connect_accepted_socket(
+            transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
                 _Protocol, sock, ssl=context, ssl_handshake_timeout=HEAD_TIMEOUT if context else None
             )
             await self._exchange(transport, protocol)
@@ -204,8 +190,7 @@ class MetricsServer:
             elif not transport.is_closing():
                 transport.abort()
             mine = self._by_address.get(address, {})
-            if asyncio.current_task() in mine:
-                del mine[asyncio.current_task()]  # type: ignore[arg-type]
+            if mine.pop(asyncio.current_task(), None) is not None:  # type: ignore[arg-type]
                 self._count -= 1
             if not mine:
                 self._by_address.pop(address, None)
@@ -234,15 +219,14 @@ class MetricsServer:
                 return
             environ = _environ(request, server, client, transport.get_extra_info("ssl_object") is not None)
             job: Future[Response] = Future()
-            self._jobs.put((functools.partial(self._call_app, environ), job))
+            self._jobs.put((environ, job))
             await self._send(conn, protocol, await asyncio.wrap_future(job))
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
 
     async def _next(self, conn: h11.Connection, protocol: _Protocol, deadline: float, head: bool = False) -> Any:
-        """The next h11 event. Waiting for a request, up to `deadline`; from its first byte on, HEAD_TIMEOUT for
-        the head: a client trickling a byte at a time does not extend it."""
+        """The next h11 event, by `deadline`; with `head`, from the request's first byte on by HEAD_TIMEOUT at most."""
         loop = asyncio.get_running_loop()
         while (event := conn.next_event()) is h11.NEED_DATA:
             if protocol.buffer:
@@ -274,15 +258,13 @@ class MetricsServer:
             if not protocol.writable.is_set():
                 await asyncio.wait_for(protocol.writable.wait(), self._idle_timeout)
 
-    # ---- the workers -------------------------------------------------------------------------------------------
-
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            call, future = job
+            environ, future = job
             if not future.set_running_or_notify_cancel():
                 continue  # its connection went before a worker took it; once running, it can no longer be cancelled
             try:
-                future.set_result(call())
+                future.set_result(self._call_app(environ))
             except BaseException as error:  # handed to the connection
                 future.set_exception(error)
 
@@ -317,7 +299,7 @@ def _environ(request: h11.Request, server: Any, client: Any, tls: bool) -> dict[
         "REMOTE_ADDR": str(client[0]) if client else "",
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "https" if tls else "http",
-        "wsgi.input": _EMPTY,
+        "wsgi.input": io.BytesIO(),  # no body: always empty
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": True,
         "wsgi.multiprocess": False,
@@ -329,11 +311,3 @@ def _environ(request: h11.Request, server: Any, client: Any, tls: bool) -> dict[
         text = value.decode("latin-1")
         environ[key] = f"{environ[key]},{text}" if key in environ else text
     return environ
-
-
-class _Empty:
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-
-_EMPTY: Final = _Empty()

@@ -4,6 +4,7 @@ never a server silently serving plain HTTP); certificates are re-read when their
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import hashlib
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Final
 
 log = logging.getLogger(__name__)
+
+WsgiApp = Callable[..., Iterable[bytes]]
 
 MAX_FILE_BYTES: Final = 1024 * 1024
 MAX_USERS: Final = 1000
@@ -48,8 +51,8 @@ _NOT_SUPPORTED: Final = {"cipher_suites", "curve_preferences", "client_allowed_s
                          "headers"}  # fmt: skip
 
 
-class WebConfigError(ValueError):
-    """A web configuration that cannot be served as written; the message is one line."""
+class WebConfigError(argparse.ArgumentTypeError, ValueError):
+    """A web configuration that cannot be served as written; the message is one line, the option's error as it is."""
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,8 @@ class TlsSettings:
 
 
 class Certificates:
-    """The current server context, rebuilt when a file's modification time, size or inode changes (a rotation by
-    cert-manager or certbot). Until the new files make a context (the key written after the certificate), the old
-    one is served."""
+    """The server context, rebuilt when a file's modification time, size or inode changes (cert-manager, certbot);
+    until the new files make one (the key written after the certificate), the old one is served."""
 
     def __init__(self, settings: TlsSettings) -> None:
         self._settings = settings
@@ -88,25 +90,19 @@ class Certificates:
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
-    def _stamps(self) -> list[tuple[int, int, int]]:
-        stamps = []
-        for path in self._settings.files:
-            try:
-                stat = os.stat(path)
-                stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
-            except OSError:
-                stamps.append((0, 0, 0))
-        return stamps
+    def _stamps(self) -> list[tuple[int, int, int]] | None:
+        try:
+            return [(stat.st_mtime_ns, stat.st_size, stat.st_ino) for stat in map(os.stat, self._settings.files)]
+        except OSError:  # a file missing: a change too, and the context it makes fails, the old one kept
+            return None
 
     def __call__(self) -> ssl.SSLContext:
         with self._lock:
             if time.monotonic() - self._checked >= RELOAD_INTERVAL:
                 self._checked = time.monotonic()
-                stamp = self._stamps()
-                if stamp != self._stamp:
+                if (stamp := self._stamps()) != self._stamp:
                     try:
-                        self._context = self._settings.context()
-                        self._stamp = stamp
+                        self._context, self._stamp = self._settings.context(), stamp
                         log.info("TLS certificate files changed: re-read")
                     except (OSError, ssl.SSLError, ValueError) as error:
                         log.warning("cannot read the changed TLS files (still serving the previous ones): %s", error)
@@ -117,7 +113,7 @@ class BasicAuth:
     """WSGI middleware: a request needs one of `users`' passwords (bcrypt hashes), except /healthz, which tells
     nothing but "up" (the image's HEALTHCHECK and probes cannot know a password: the file has only hashes)."""
 
-    def __init__(self, app: Callable[..., Iterable[bytes]], users: dict[str, bytes]) -> None:
+    def __init__(self, app: WsgiApp, users: dict[str, bytes]) -> None:
         self._app, self._users = app, users
         # Per user, the sha256 of the password last verified: a scrape costs a hash, not a ~100 ms bcrypt check.
         # Bounded by the users of the file; only a correct password gets in.
@@ -134,8 +130,7 @@ class BasicAuth:
         if scheme.lower() != "basic" or not sep:
             return False
         digest = hashlib.sha256(password.encode()).digest()
-        verified = self._verified.get(user)
-        if verified is not None and hmac.compare_digest(verified, digest):
+        if hmac.compare_digest(self._verified.get(user, b""), digest):
             return True
         if not self._bcrypt.acquire(blocking=False):
             return None
@@ -150,9 +145,7 @@ class BasicAuth:
         return ok
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
-            return self._app(environ, start_response)
-        allowed = self.check(environ.get("HTTP_AUTHORIZATION", ""))
+        allowed = environ.get("PATH_INFO") == "/healthz" or self.check(environ.get("HTTP_AUTHORIZATION", ""))
         if allowed:
             return self._app(environ, start_response)
         if allowed is None:
@@ -171,9 +164,7 @@ class WebConfig:
     tls: TlsSettings | None = None
     users: dict[str, bytes] = field(default_factory=dict)
 
-    def wrap(
-        self, app: Callable[..., Iterable[bytes]]
-    ) -> tuple[Callable[..., Iterable[bytes]], Callable[[], ssl.SSLContext] | None]:
+    def wrap(self, app: WsgiApp) -> tuple[WsgiApp, Callable[[], ssl.SSLContext] | None]:
         """The app behind basic auth if there are users, and the TLS context source if TLS is on."""
         return BasicAuth(app, self.users) if self.users else app, Certificates(self.tls) if self.tls else None
 
@@ -224,36 +215,28 @@ def load_web_config(text: str) -> WebConfig:
     users = _mapping(top.get("basic_auth_users"), "basic_auth_users", set(top.get("basic_auth_users") or ()))
     if len(users) > MAX_USERS:
         raise WebConfigError(f"basic_auth_users: more than {MAX_USERS} users")
-    hashes: dict[str, bytes] = {}
     for user, hashed in users.items():
         if not isinstance(user, str) or not isinstance(hashed, str) or not hashed.startswith("$2"):
             raise WebConfigError(f"basic_auth_users.{user} must be a bcrypt hash ($2...)")
         if not _BCRYPT_HASH.fullmatch(hashed):
             raise WebConfigError(f"basic_auth_users.{user}: not a valid bcrypt hash")
-        hashes[user] = hashed.encode()
-    return WebConfig(path, tls, hashes)
+    return WebConfig(path, tls, {user: hashed.encode() for user, hashed in users.items()})
 
 
 def _tls(section: dict[str, Any], base: Path) -> TlsSettings | None:
     if not section:
         return None
     where = "tls_server_config"
-    files = {key: _text(section, key, where) for key in ("cert_file", "key_file", "client_ca_file")}
-    if not files["cert_file"] or not files["key_file"]:
+    cert, key, ca = (_text(section, name, where) for name in ("cert_file", "key_file", "client_ca_file"))
+    if not cert or not key:
         raise WebConfigError(f"{where} needs both cert_file and key_file")
     client_auth = _text(section, "client_auth_type", where, _CLIENT_AUTH) or "NoClientCert"
-    if _CLIENT_AUTH[client_auth][1] and not files["client_ca_file"]:
+    if _CLIENT_AUTH[client_auth][1] and not ca:
         raise WebConfigError(f"{where}.client_auth_type {client_auth} needs client_ca_file")
+    low = _text(section, "min_version", where, _VERSIONS) or "TLS12"
+    high = _text(section, "max_version", where, _VERSIONS) or "TLS13"
     # Relative paths are relative to the file's directory, as exporter-toolkit reads them.
-    paths = {key: base / value if value else None for key, value in files.items()}
-    settings = TlsSettings(
-        paths["cert_file"],  # type: ignore[arg-type]
-        paths["key_file"],  # type: ignore[arg-type]
-        paths["client_ca_file"],
-        client_auth,
-        _text(section, "min_version", where, _VERSIONS) or "TLS12",
-        _text(section, "max_version", where, _VERSIONS) or "TLS13",
-    )
+    settings = TlsSettings(base / cert, base / key, base / ca if ca else None, client_auth, low, high)
     for file in settings.files:
         try:
             file.open("rb").close()
