@@ -22,7 +22,7 @@ FROM python:3.11-slim
 
 # PYTHONMALLOC=malloc: the C library's allocator for Python's objects, whose freed memory process.py gives back after
 # each refresh and export. CPython's own keeps 1 MiB arenas that one live object pins: 11 MB less resident with today's
-# feed, 6-7 MB less with OTLP push, for 3-9% more CPU per refresh (README, Performance).
+# feed, 6-7 MB less with OTLP push, for up to 9% more CPU per refresh (README, Performance).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONMALLOC=malloc \
     PYTHONUNBUFFERED=1 \
